@@ -1,0 +1,380 @@
+"""Forest: the array form of a batch of trees or DAGs, validated once."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from . import _planner
+from ._tree import Tree
+
+# A forest with more distinct arities than this cannot run a function that specialises
+# its trace per arity (iterating or indexing ``node.children``); ``map`` still works.
+MAX_SPECIALISED_ARITIES = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class _Meta:
+    """Static part of a Forest (pytree aux data). Equal metas share compiled programs."""
+
+    num_nodes: int
+    key: _planner.PlanKey
+    arities: tuple[int, ...] | None  # None: more than MAX_SPECIALISED_ARITIES distinct
+    # Not compared: used only for error messages while tracing.
+    example_node: dict = dataclasses.field(compare=False, hash=False, default_factory=dict)
+
+
+@jax.tree_util.register_pytree_node_class
+class Forest:
+    """The array form of a batch of trees or DAGs: structure, per-node data and a plan.
+
+    Node ``i`` (``0 <= i < num_nodes``) has data ``jax.tree.map(lambda a: a[i], data)``
+    and children ``child_idx[child_ptr[i]:child_ptr[i + 1]]`` in order. Build one with
+    ``from_trees``, ``from_parents`` or ``from_children``; the constructors validate the
+    input and plan the evaluation order once (numpy, host side).
+
+    A Forest is a pytree: its leaves are the per-node data padded to
+    ``plan.key.num_node_rows`` rows (the padding rows copy node 0) and the plan's index
+    tables; the static sizes are metadata. So it can be an argument of a ``jax.jit``-ed
+    function, and two forests in the same size bucket (equal ``plan.key``, arities and
+    node count) reuse one compiled program. The children arrays stay on the host.
+
+    Attributes:
+      num_nodes: number of nodes.
+      roots: ``[num_roots]`` int array, the root nodes in input order.
+      data: pytree of arrays with leading axis ``num_nodes``.
+      child_ptr, child_idx: the children CSR arrays (host only; ``None`` inside ``jit``).
+      plan: the ``Plan`` (index tables; see ``recjax._planner``).
+
+    Example:
+      >>> import recjax as rj
+      >>> f = rj.Forest.from_parents([-1, 0, 0, 1], {"x": [1.0, 2.0, 3.0, 4.0]})
+      >>> f.num_nodes, f.roots.tolist(), f.children(0).tolist()
+      (4, [0], [1, 2])
+    """
+
+    def __init__(self, *, meta, arrays, child_ptr=None, child_idx=None):
+        self._meta = meta
+        self._arrays = arrays
+        self.child_ptr = child_ptr
+        self.child_idx = child_idx
+
+    # ------------------------------------------------------------------ constructors
+
+    @classmethod
+    def from_trees(cls, trees: Sequence[Tree]) -> Forest:
+        """Numbers the nodes of ``trees`` in depth-first pre-order, tree after tree.
+
+        A ``Tree`` object reachable more than once (a DAG) becomes one node, numbered at
+        its first visit and computed once. Iterative: no recursion limit.
+
+        Args:
+          trees: the root ``Tree`` objects.
+
+        Returns:
+          A Forest whose ``roots`` are the node ids of ``trees``, in order.
+
+        Raises:
+          TypeError: an element is not a ``Tree``.
+          ValueError: no trees, or node data differ in structure, shape or dtype.
+
+        Example:
+          >>> import recjax as rj
+          >>> shared = rj.Tree({"x": 1.0})
+          >>> f = rj.Forest.from_trees([rj.Tree({"x": 0.0}, [shared, shared])])
+          >>> f.num_nodes, f.children(0).tolist()
+          (2, [1, 1])
+        """
+        if isinstance(trees, Tree):
+            raise TypeError("Forest.from_trees takes a list of trees; wrap one tree as [tree].")
+        trees = list(trees)
+        if not trees:
+            raise ValueError("empty forest: Forest.from_trees got no trees.")
+        for i, t in enumerate(trees):
+            if not isinstance(t, Tree):
+                raise TypeError(
+                    f"Forest.from_trees: element {i} is a {type(t).__name__}, not an rj.Tree."
+                )
+        ids: dict[int, int] = {}
+        nodes: list[Tree] = []
+        children_ids: list[list[int]] = []
+        roots = []
+        on_path: set[int] = set()
+        for root in trees:
+            if id(root) in ids:
+                roots.append(ids[id(root)])
+                continue
+            # Explicit stack of (tree, next child position); pre-order numbering.
+            ids[id(root)] = len(nodes)
+            nodes.append(root)
+            children_ids.append([])
+            roots.append(ids[id(root)])
+            stack = [(root, 0)]
+            on_path.add(id(root))
+            while stack:
+                t, k = stack[-1]
+                if k == len(t.children):
+                    stack.pop()
+                    on_path.discard(id(t))
+                    continue
+                stack[-1] = (t, k + 1)
+                c = t.children[k]
+                if id(c) in on_path:
+                    raise ValueError(
+                        f"the trees contain a cycle: node {ids[id(c)]} is its own descendant."
+                    )
+                if id(c) not in ids:
+                    ids[id(c)] = len(nodes)
+                    nodes.append(c)
+                    children_ids.append([])
+                    stack.append((c, 0))
+                    on_path.add(id(c))
+                children_ids[ids[id(t)]].append(ids[id(c)])
+        data = _stack_tree_data([t.data for t in nodes])
+        child_ptr, child_idx = _csr_from_lists(children_ids, len(nodes))
+        return cls._build(child_ptr, child_idx, data, np.asarray(roots, dtype=np.int64))
+
+    @classmethod
+    def from_parents(cls, parent: Any, data: Any = None) -> Forest:
+        """Builds a forest of trees from a parent array; node numbering is kept.
+
+        ``parent[i]`` is the parent of node ``i``, or -1 for a root. The children of
+        ``i`` are the nodes ``j`` with ``parent[j] == i``, in increasing ``j``.
+
+        Args:
+          parent: ``[N]`` integer array.
+          data: pytree of arrays with leading axis ``N`` (node ``i``'s data is row ``i``).
+
+        Raises:
+          ValueError: empty, out-of-range parents, a node that is its own parent, a cycle,
+            or data whose leading axis is not ``N``.
+          TypeError: ``parent`` is not an integer array.
+
+        Example:
+          >>> import recjax as rj
+          >>> f = rj.Forest.from_parents([2, 2, -1], {"x": [1.0, 2.0, 3.0]})
+          >>> f.roots.tolist(), f.children(2).tolist()
+          ([2], [0, 1])
+        """
+        parent = np.asarray(parent)
+        if parent.ndim != 1:
+            raise ValueError(f"parent must be a 1-D array; got shape {parent.shape}.")
+        if parent.size == 0:
+            raise ValueError("empty forest: the parent array has no nodes.")
+        if not np.issubdtype(parent.dtype, np.integer):
+            raise TypeError(
+                f"parent must be an integer array; got dtype {parent.dtype}. "
+                "Convert it with np.asarray(parent, dtype=int)."
+            )
+        n = parent.size
+        bad = np.flatnonzero((parent < -1) | (parent >= n))
+        if bad.size:
+            raise ValueError(
+                f"parent[{bad[0]}] = {parent[bad[0]]} is out of range for {n} nodes "
+                f"({bad.size} bad entries, first at nodes {bad[:5].tolist()}); use -1 for a "
+                f"root and 0..{n - 1} for a parent."
+            )
+        selfloop = np.flatnonzero(parent == np.arange(n))
+        if selfloop.size:
+            raise ValueError(
+                f"node {selfloop[0]} is its own parent (a cycle); use -1 for a root."
+            )
+        parent = parent.astype(np.int64)
+        has_parent = parent >= 0
+        child_idx = np.flatnonzero(has_parent)[np.argsort(parent[has_parent], kind="stable")]
+        child_ptr = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(np.bincount(parent[has_parent], minlength=n), out=child_ptr[1:])
+        data = _check_array_data(data, n)
+        return cls._build(child_ptr, child_idx, data, np.flatnonzero(~has_parent))
+
+    @classmethod
+    def from_children(cls, children: Sequence[Sequence[int]], data: Any = None) -> Forest:
+        """Builds a forest (trees or a DAG) from children lists; node numbering is kept.
+
+        ``children[i]`` is the ordered list of node ``i``'s children. A node may be the
+        child of several nodes (a DAG); it is computed once. The roots are the nodes that
+        are nobody's child, in increasing order.
+
+        Args:
+          children: ``N`` sequences of node ids.
+          data: pytree of arrays with leading axis ``N``.
+
+        Raises:
+          ValueError: empty, a child id out of range, a cycle, or data of the wrong length.
+          TypeError: a child id is not an integer.
+
+        Example:
+          >>> import recjax as rj
+          >>> f = rj.Forest.from_children([[1, 2], [2], []], {"x": [1.0, 2.0, 3.0]})
+          >>> f.roots.tolist(), f.children(1).tolist()
+          ([0], [2])
+        """
+        children = list(children)
+        n = len(children)
+        if n == 0:
+            raise ValueError("empty forest: the children list has no nodes.")
+        child_ptr, child_idx = _csr_from_lists(children, n)
+        data = _check_array_data(data, n)
+        is_child = np.zeros(n, dtype=bool)
+        is_child[child_idx] = True
+        roots = np.flatnonzero(~is_child)
+        if roots.size == 0:
+            raise ValueError(
+                "the forest has no root (every node is somebody's child), so it has a cycle."
+            )
+        return cls._build(child_ptr, child_idx, data, roots)
+
+    @classmethod
+    def _build(cls, child_ptr, child_idx, data, roots) -> Forest:
+        n = child_ptr.shape[0] - 1
+        plan = _planner.plan(child_ptr, child_idx)
+        degree = np.diff(child_ptr)
+        arities, first = np.unique(degree[degree > 0], return_index=True)
+        internal = np.flatnonzero(degree > 0)
+        example = {int(a): int(internal[i]) for a, i in zip(arities, first)}
+        meta = _Meta(
+            num_nodes=n,
+            key=plan.key,
+            arities=tuple(int(a) for a in arities) if arities.size <= MAX_SPECIALISED_ARITIES else None,
+            example_node=example,
+        )
+        pad = plan.key.num_node_rows
+        padded = jax.tree.map(lambda a: np.concatenate([a, np.repeat(a[:1], pad - n, 0)]), data)
+        arrays = {
+            "data": padded,
+            "roots": roots.astype(np.int32),
+            "leaf_node": plan.leaf_node,
+            "row_of_node": plan.row_of_node,
+            "phases": [dataclasses.asdict(t) for t in plan.phases],
+        }
+        forest = cls(meta=meta, arrays=arrays, child_ptr=child_ptr, child_idx=child_idx)
+        forest._plan = plan
+        return forest
+
+    # ------------------------------------------------------------------ accessors
+
+    @property
+    def num_nodes(self) -> int:
+        return self._meta.num_nodes
+
+    @property
+    def roots(self):
+        return self._arrays["roots"]
+
+    @property
+    def data(self):
+        n = self._meta.num_nodes
+        return jax.tree.map(lambda a: a[:n], self._arrays["data"])
+
+    @property
+    def plan(self) -> _planner.Plan:
+        plan = getattr(self, "_plan", None)
+        if plan is None:
+            raise ValueError("this Forest was rebuilt from its pytree leaves; its host plan is gone.")
+        return plan
+
+    def children(self, i: int) -> np.ndarray:
+        """The children of node ``i``, in order (host only)."""
+        if self.child_ptr is None:
+            raise ValueError("the children arrays of a Forest are not available inside jit.")
+        return self.child_idx[self.child_ptr[i] : self.child_ptr[i + 1]]
+
+    def __repr__(self) -> str:
+        return (
+            f"Forest(num_nodes={self.num_nodes}, num_roots={np.shape(self.roots)[0]}, "
+            f"steps={sum(p.steps for p in self._meta.key.phases)})"
+        )
+
+    # ------------------------------------------------------------------ pytree
+
+    def tree_flatten(self):
+        return (self._arrays,), self._meta
+
+    @classmethod
+    def tree_unflatten(cls, meta, children):
+        return cls(meta=meta, arrays=children[0])
+
+
+# ---------------------------------------------------------------------- validation
+
+
+def _canonical(a: np.ndarray, where: str) -> np.ndarray:
+    if not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
+        raise TypeError(f"{where} has dtype {a.dtype}; node data must be numeric arrays.")
+    return a.astype(jax.dtypes.canonicalize_dtype(a.dtype), copy=False)
+
+
+def _stack_tree_data(datas: list) -> Any:
+    """Stacks per-node data pytrees into one pytree of ``[N, ...]`` arrays, checking the schema."""
+    flat0, treedef = jax.tree_util.tree_flatten_with_path(datas[0])
+    paths = [jax.tree_util.keystr(p) for p, _ in flat0]
+    ref = [np.asarray(x) for _, x in flat0]
+    columns: list[list] = [[] for _ in ref]
+    problems = []
+    for i, d in enumerate(datas):
+        leaves, td = jax.tree_util.tree_flatten(d)
+        if td != treedef:
+            problems.append(f"node {i}: data structure {td} differs from node 0's {treedef}")
+        else:
+            for j, leaf in enumerate(leaves):
+                a = np.asarray(leaf)
+                if a.shape != ref[j].shape or a.dtype != ref[j].dtype:
+                    problems.append(
+                        f"node {i}: data{paths[j]} has shape {a.shape} and dtype {a.dtype}; "
+                        f"node 0 has shape {ref[j].shape} and dtype {ref[j].dtype}"
+                    )
+                columns[j].append(a)
+        if len(problems) >= 10:
+            break
+    if problems:
+        raise ValueError(
+            "node data must have the same structure, shapes and dtypes on every node:\n  "
+            + "\n  ".join(problems)
+            + "\nConvert the data to one schema (for example floats everywhere: 1.0, not 1)."
+        )
+    stacked = [_canonical(np.stack(c), f"data{p}") for c, p in zip(columns, paths)]
+    return jax.tree_util.tree_unflatten(treedef, stacked)
+
+
+def _check_array_data(data: Any, n: int) -> Any:
+    flat, treedef = jax.tree_util.tree_flatten_with_path(data)
+    out = []
+    for path, leaf in flat:
+        a = np.asarray(leaf)
+        where = f"data{jax.tree_util.keystr(path)}"
+        if a.ndim == 0 or a.shape[0] != n:
+            raise ValueError(
+                f"{where} has shape {a.shape}; its leading axis must be the number of nodes ({n})."
+            )
+        out.append(_canonical(a, where))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _csr_from_lists(children: Sequence[Sequence[int]], n: int):
+    try:
+        counts = np.fromiter((len(c) for c in children), dtype=np.int64, count=n)
+        flat = np.array(list(itertools.chain.from_iterable(children)))
+    except TypeError as e:
+        raise TypeError(f"children must be a list of lists of node ids ({e}).") from None
+    child_ptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(counts, out=child_ptr[1:])
+    if flat.size == 0:
+        return child_ptr, np.zeros(0, dtype=np.int64)
+    if not np.issubdtype(flat.dtype, np.integer):
+        raise TypeError(f"child ids must be integers; got dtype {flat.dtype}.")
+    bad = np.flatnonzero((flat < 0) | (flat >= n))
+    if bad.size:
+        node = int(np.searchsorted(child_ptr, bad[0], side="right") - 1)
+        raise ValueError(
+            f"child id {flat[bad[0]]} of node {node} is out of range: the forest has {n} "
+            f"nodes (valid ids 0..{n - 1})."
+        )
+    selfloop = np.flatnonzero(flat == np.repeat(np.arange(n), counts))
+    if selfloop.size:
+        node = int(flat[selfloop[0]])
+        raise ValueError(f"node {node} is its own child (a cycle).")
+    return child_ptr, flat.astype(np.int64)

@@ -1,0 +1,298 @@
+"""Plan: turn the structure of a forest into padded per-step index tables (numpy only).
+
+This module never imports jax: it runs on the host, in a loader thread if wanted, and
+its output shapes depend on the data (it is not jittable). Everything the executor
+needs under ``jit`` is in the returned tables, whose shapes come only from ``PlanKey``.
+
+Buffer layout. The executor keeps one state buffer of ``PlanKey.num_buffer_rows`` rows:
+
+  rows [0, num_leaf_rows)            the leaves, node order; the tail is padding
+  then, for each phase p in order,   ``steps`` blocks of ``width`` rows each; block t
+                                     holds the nodes computed at step t of the phase
+
+Padding rows read the data of node 0 and, as children, buffer row 0 (a real leaf), so a
+cell evaluated on padding sees real values and its gradient there is finite. Padding
+edges carry segment id ``width`` so that segment ops drop them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import numpy as np
+
+# Row widths of the step classes. A level takes the narrowest class that computes it in
+# at most _MAX_STEPS_PER_LEVEL steps; wider levels take several steps of the widest class.
+WIDTH_CLASSES = (8, 32, 128, 512)
+_MAX_STEPS_PER_LEVEL = 4
+
+
+def ladder(n: int) -> int:
+    """Rounds ``n`` up the geometric bucket ladder 1, 2, 3, 4, 6, 8, 12, 16, 24, ...
+
+    Every static size of a plan is a ladder value, so batches of similar size share a
+    compiled program; the ratio between rungs (at most 1.5) bounds the padding waste.
+
+    >>> [ladder(n) for n in (0, 1, 5, 7, 9, 13, 100)]
+    [0, 1, 6, 8, 12, 16, 128]
+    """
+    n = int(n)
+    if n <= 4:
+        return max(n, 0)
+    p = 1 << (n - 1).bit_length()  # smallest power of two >= n
+    return p * 3 // 4 if n <= p * 3 // 4 else p
+
+
+class PhaseKey(NamedTuple):
+    """Static sizes of one phase: ``steps`` scan steps of ``width`` rows, ``edges`` child slots each."""
+
+    width: int
+    steps: int
+    edges: int
+
+
+class PlanKey(NamedTuple):
+    """The static sizes of a plan: two plans with equal keys run the same compiled program."""
+
+    num_leaf_rows: int
+    num_node_rows: int
+    phases: tuple[PhaseKey, ...]
+
+    @property
+    def num_buffer_rows(self) -> int:
+        return self.num_leaf_rows + sum(p.width * p.steps for p in self.phases)
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseTables:
+    """Index tables of one phase; ``S`` steps, ``K`` rows and ``KE`` edge slots per step.
+
+    Attributes:
+      node: ``[S, K]`` node whose data each row reads (node 0 for padding rows).
+      degree: ``[S, K]`` number of children of each row (0 for padding rows).
+      edge_start: ``[S, K]`` offset of each row's first child in the step's edge block;
+        row r's children are edge slots ``edge_start[r] .. edge_start[r] + degree[r] - 1``.
+      edge_child: ``[S, KE]`` buffer row of the child on each edge slot (0 for padding).
+      edge_segment: ``[S, KE]`` row (0..K-1) that owns each edge slot; ``K`` for padding.
+    """
+
+    node: np.ndarray
+    degree: np.ndarray
+    edge_start: np.ndarray
+    edge_child: np.ndarray
+    edge_segment: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Per-step index tables for one forest (host arrays, int32).
+
+    Attributes:
+      key: the static sizes.
+      leaf_node: ``[num_leaf_rows]`` node whose data each leaf row reads.
+      row_of_node: ``[num_node_rows]`` buffer row holding node i's output (0 for padding).
+      phases: one ``PhaseTables`` per entry of ``key.phases``.
+      height: ``[num_nodes]`` height of every node (0 for leaves).
+    """
+
+    key: PlanKey
+    leaf_node: np.ndarray
+    row_of_node: np.ndarray
+    phases: tuple[PhaseTables, ...]
+    height: np.ndarray
+
+    @property
+    def num_steps(self) -> int:
+        """Sequential device steps after the leaves (the scan lengths added up)."""
+        return sum(p.steps for p in self.key.phases)
+
+
+def concat_ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``np.concatenate([np.arange(s, s + c) for s, c in zip(starts, counts)])``, vectorised."""
+    counts = np.asarray(counts, dtype=np.int64)
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    offsets = np.cumsum(counts) - counts
+    return np.arange(total, dtype=np.int64) - np.repeat(offsets - starts, counts)
+
+
+def heights(child_ptr: np.ndarray, child_idx: np.ndarray) -> np.ndarray:
+    """Height of every node (0 for leaves, 1 + max over children otherwise).
+
+    Level-synchronous: one round of numpy operations per height, none per node, and no
+    recursion, so a 100,000-node chain is fine.
+
+    Raises:
+      ValueError: the children graph has a cycle; the message lists the nodes on it.
+    """
+    n = child_ptr.shape[0] - 1
+    degree = np.diff(child_ptr)
+    edge_parent = np.repeat(np.arange(n, dtype=np.int64), degree)
+    by_child = np.argsort(child_idx, kind="stable")
+    parent_sorted = edge_parent[by_child]
+    parent_ptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(child_idx, minlength=n), out=parent_ptr[1:])
+
+    pending = degree.astype(np.int64)
+    height = np.full(n, -1, dtype=np.int64)
+    frontier = np.flatnonzero(degree == 0)
+    h = 0
+    while frontier.size:
+        height[frontier] = h
+        starts = parent_ptr[frontier]
+        parents = parent_sorted[concat_ranges(starts, parent_ptr[frontier + 1] - starts)]
+        if parents.size == 0:
+            break
+        uniq, counts = np.unique(parents, return_counts=True)
+        pending[uniq] -= counts
+        frontier = uniq[pending[uniq] == 0]
+        h += 1
+    if (height < 0).any():
+        raise ValueError(_describe_cycle(child_ptr, child_idx, height))
+    return height
+
+
+def _describe_cycle(child_ptr, child_idx, height) -> str:
+    # Error path only: walk unresolved children from an unresolved node until one repeats.
+    # Every unresolved node has an unresolved child, so the walk must close a cycle.
+    node = int(np.flatnonzero(height < 0)[0])
+    seen: dict[int, int] = {}
+    path: list[int] = []
+    while node not in seen:
+        seen[node] = len(path)
+        path.append(node)
+        kids = child_idx[child_ptr[node] : child_ptr[node + 1]]
+        node = int(kids[height[kids] < 0][0])
+    cycle = path[seen[node] :] + [node]
+    shown = " -> ".join(map(str, cycle[:12])) + (" -> ..." if len(cycle) > 12 else "")
+    return (
+        f"the forest has a cycle through nodes {shown}: node {cycle[0]} is its own "
+        "descendant. A forest must be acyclic (a tree or a DAG); check the parent or "
+        "children arrays."
+    )
+
+
+def _width_class(n: np.ndarray) -> np.ndarray:
+    """Narrowest width class that computes a level of ``n`` rows in few steps."""
+    classes = np.array(WIDTH_CLASSES)
+    fits = -(-n[:, None] // classes[None, :]) <= _MAX_STEPS_PER_LEVEL
+    return np.where(fits.any(axis=1), classes[np.argmax(fits, axis=1)], classes[-1])
+
+
+def plan(child_ptr: np.ndarray, child_idx: np.ndarray) -> Plan:
+    """Plans the bottom-up evaluation of a forest given as children CSR arrays.
+
+    Equivalent program (what the executor does with the plan)::
+
+      for node in leaves: out[node] = leaf_cell(data[node])            # one batched op
+      for level in 1 .. max height:                                   # scan steps
+        for node at this level: out[node] = cell(data[node], out[children of node])
+
+    Not jittable: the output shape depends on the data.
+
+    Args:
+      child_ptr: ``[N + 1]`` CSR offsets; node i's children are
+        ``child_idx[child_ptr[i]:child_ptr[i + 1]]``, in order.
+      child_idx: ``[E]`` child node ids, already validated to lie in ``[0, N)``.
+
+    Returns:
+      A ``Plan``.
+
+    Raises:
+      ValueError: the graph has a cycle.
+    """
+    child_ptr = np.asarray(child_ptr, dtype=np.int64)
+    child_idx = np.asarray(child_idx, dtype=np.int64)
+    n = child_ptr.shape[0] - 1
+    degree = np.diff(child_ptr)
+    height = heights(child_ptr, child_idx)
+
+    leaves = np.flatnonzero(degree == 0)
+    num_leaf_rows = ladder(leaves.size)
+    row_of_node = np.zeros(ladder(n), dtype=np.int64)
+    row_of_node[leaves] = np.arange(leaves.size)
+    leaf_node = np.full(num_leaf_rows, leaves[0], dtype=np.int64)
+    leaf_node[: leaves.size] = leaves
+
+    internal = np.flatnonzero(degree > 0)
+    order = internal[np.argsort(height[internal], kind="stable")]  # by height, then id
+    level_of = height[order]
+    num_levels = int(height.max())
+    level_size = np.bincount(level_of, minlength=num_levels + 1)[1:]
+    # Classes must not grow with height so that each class is one run of levels.
+    level_class = np.maximum.accumulate(_width_class(level_size)[::-1])[::-1]
+    level_steps = -(-level_size // level_class)
+    level_first = np.cumsum(level_size) - level_size  # index into `order`
+    rank = np.arange(order.size) - np.repeat(level_first, level_size)
+    node_class = np.repeat(level_class, level_size)
+
+    phase_keys, phase_tables = [], []
+    base = num_leaf_rows
+    for width in WIDTH_CLASSES[::-1]:
+        in_phase = level_class == width
+        real_steps = int(level_steps[in_phase].sum())
+        if real_steps == 0:
+            phase_keys.append(PhaseKey(width, 0, 0))
+            phase_tables.append(None)
+            continue
+        steps = ladder(real_steps)
+        step_first = np.cumsum(level_steps * in_phase) - level_steps * in_phase
+        sel = node_class == width
+        nodes = order[sel]
+        step = np.repeat(step_first, level_size)[sel] + rank[sel] // width
+        local = rank[sel] % width
+        row_of_node[nodes] = base + step * width + local
+        phase_tables.append((nodes, step, local))
+        phase_keys.append(PhaseKey(width, steps, 0))
+        base += steps * width
+
+    tables = []
+    for i, (pk, entry) in enumerate(zip(phase_keys, phase_tables)):
+        if entry is None:
+            continue
+        nodes, step, local = entry
+        deg = degree[nodes]
+        # Edge offsets restart at every step; nodes of one step are contiguous here.
+        cum = np.cumsum(deg) - deg
+        step_edge_first = np.zeros(pk.steps, dtype=np.int64)
+        first_in_step = np.r_[True, step[1:] != step[:-1]]
+        step_edge_first[step[first_in_step]] = cum[first_in_step]
+        start = cum - step_edge_first[step]
+        edges_per_step = np.bincount(step, weights=deg, minlength=pk.steps).astype(np.int64)
+        num_edges = ladder(int(edges_per_step.max()))
+        pk = phase_keys[i] = PhaseKey(pk.width, pk.steps, num_edges)
+
+        node_t = np.zeros((pk.steps, pk.width), dtype=np.int64)
+        degree_t = np.zeros((pk.steps, pk.width), dtype=np.int64)
+        start_t = np.zeros((pk.steps, pk.width), dtype=np.int64)
+        node_t[step, local] = nodes
+        degree_t[step, local] = deg
+        start_t[step, local] = start
+
+        edge_child = np.zeros((pk.steps, num_edges), dtype=np.int64)
+        edge_seg = np.full((pk.steps, num_edges), pk.width, dtype=np.int64)
+        e_src = concat_ranges(child_ptr[nodes], deg)
+        e_step = np.repeat(step, deg)
+        e_pos = np.repeat(start, deg) + concat_ranges(np.zeros_like(deg), deg)
+        edge_child[e_step, e_pos] = row_of_node[child_idx[e_src]]
+        edge_seg[e_step, e_pos] = np.repeat(local, deg)
+        tables.append(
+            PhaseTables(
+                *(a.astype(np.int32) for a in (node_t, degree_t, start_t, edge_child, edge_seg))
+            )
+        )
+
+    key = PlanKey(
+        num_leaf_rows=num_leaf_rows,
+        num_node_rows=row_of_node.shape[0],
+        phases=tuple(pk for pk in phase_keys if pk.steps),
+    )
+    return Plan(
+        key=key,
+        leaf_node=leaf_node.astype(np.int32),
+        row_of_node=row_of_node.astype(np.int32),
+        phases=tuple(tables),
+        height=height,
+    )
