@@ -100,7 +100,7 @@ def _compute_rows(templates, dynamic, buffer, data, degree, start, edge_child, s
     out = None
     num_edges = edge_child.shape[0]
     for k, template in sorted((k, t) for k, t in templates.items() if k != 0):
-        j = jnp.arange(k)
+        j = jnp.arange(k)[None, :]
         slot = jnp.minimum(start[:, None] + j, num_edges - 1)
         # Missing children (rows of another arity, padding) read row 0, a real leaf.
         rows = jnp.where(j < degree[:, None], edge_child[slot], 0)

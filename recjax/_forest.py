@@ -147,7 +147,8 @@ class Forest:
 
         Args:
           parent: ``[N]`` integer array.
-          data: pytree of arrays with leading axis ``N`` (node ``i``'s data is row ``i``).
+          data: pytree of arrays with leading axis ``N`` (node ``i``'s data is row ``i``);
+            a list is read as one array, tuples and dicts as containers.
 
         Raises:
           ValueError: empty, out-of-range parents, a node that is its own parent, a cycle,
@@ -201,7 +202,7 @@ class Forest:
 
         Args:
           children: ``N`` sequences of node ids.
-          data: pytree of arrays with leading axis ``N``.
+          data: pytree of arrays with leading axis ``N``; a list is read as one array.
 
         Raises:
           ValueError: empty, a child id out of range, a cycle, or data of the wrong length.
@@ -341,7 +342,8 @@ def _stack_tree_data(datas: list) -> Any:
 
 
 def _check_array_data(data: Any, n: int) -> Any:
-    flat, treedef = jax.tree_util.tree_flatten_with_path(data)
+    # A list is read as one array ([1.0, 2.0] or nested lists); tuples and dicts are containers.
+    flat, treedef = jax.tree_util.tree_flatten_with_path(data, is_leaf=lambda x: isinstance(x, list))
     out = []
     for path, leaf in flat:
         a = np.asarray(leaf)

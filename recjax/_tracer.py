@@ -34,6 +34,46 @@ class _NeedsArity(Exception):
     """Internal: the trace of a variable-arity node read the arity; retrace per arity."""
 
 
+class _EmptyReductionError(TypeError):
+    """A computation failed after a reduction over no children gave the scalar neutral element."""
+
+
+_EMPTY_HINT = (
+    "{name} failed at {where} after `children.map(...).sum()` over no children returned "
+    "the scalar 0 (like Python's sum([])), which has no shape: {err}. Write a leaf branch "
+    "(`if node.is_leaf: ...`) or pass the neutral element with its shape, for example "
+    "`.sum(initial=jnp.zeros(hidden))`."
+)
+
+
+def _note_empty_reduction():
+    if _frames.stack:
+        _frames.stack[-1].empty_reduction = True
+
+
+def _call_user(frame, fn, args, kwargs, where):
+    """Calls the user's function inside ``frame``, turning known failures into clear errors."""
+    _frames.stack.append(frame)
+    try:
+        return fn(*args, **kwargs)
+    except (_NeedsArity, _EmptyReductionError):
+        raise
+    except _DATA_FLOW_ERRORS as e:
+        raise TypeError(
+            f"{frame.rec._name} branches on traced data at {where}: {type(e).__name__}. "
+            "Python `if`/`for` may only test structure such as `node.is_leaf` or "
+            "`len(node.children)`; use `jnp.where` or `lax.cond` to branch on data."
+        ) from e
+    except Exception as e:
+        if frame.empty_reduction:
+            raise _EmptyReductionError(
+                _EMPTY_HINT.format(name=frame.rec._name, where=where, err=f"{type(e).__name__}: {e}")
+            ) from e
+        raise
+    finally:
+        _frames.stack.pop()
+
+
 class _Frame(threading.local):
     def __init__(self):
         self.stack: list = []
@@ -99,6 +139,7 @@ class _ListRagged(Ragged):
 
     def _reduce(self, op, initial):
         if not self._values:
+            _note_empty_reduction()
             if op == "sum":
                 return 0 if initial is None else initial
             if initial is None:
@@ -347,12 +388,7 @@ class Recursive:
             )
         rest = _replace(args, kwargs, pos, None)
         if isinstance(node, Tree):
-            frame = _EagerFrame(self, rest)
-            _frames.stack.append(frame)
-            try:
-                return frame.compute(node, args, kwargs, pos)
-            finally:
-                _frames.stack.pop()
+            return _EagerFrame(self, rest).compute(node, args, kwargs, pos)
         frame = _frames.stack[-1] if _frames.stack else None
         if frame is None or frame.rec is not self:
             raise TypeError(
@@ -421,7 +457,8 @@ class Recursive:
         dyn_spec = tuple(jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)) for x in dynamic)
         static = _Static(pos, treedef, static_leaves, meta, None, None)
         mode, out_spec = self._signatures(static, dyn_spec, data_spec)
-        static = static._replace(mode=mode, out_spec=out_spec)
+        flat_spec = (jax.tree.structure(out_spec), tuple(jax.tree.leaves(out_spec)))  # hashable
+        static = static._replace(mode=mode, out_spec=flat_spec)
         out = self._jit_execute(static, dynamic, forest._arrays)
         return jax.tree.map(lambda o: o[: meta.num_nodes], out)
 
@@ -449,18 +486,8 @@ class Recursive:
                 kids = Children([_SymbolicChild(c) for c in children])
             node = _Node(data, signature == 0, kids)
             (args, kwargs), rest = self._rebuild(static, dynamic, node)
-            _frames.stack.append(_TraceFrame(self, rest, signature))
-            try:
-                return self.fn(*args, **kwargs)
-            except _DATA_FLOW_ERRORS as e:
-                raise TypeError(
-                    f"{self._name} branches on traced data at {_describe(signature)}: "
-                    f"{type(e).__name__}. Python `if`/`for` may only test structure such as "
-                    "`node.is_leaf` or `len(node.children)`; use `jnp.where` or `lax.cond` "
-                    "to branch on data."
-                ) from e
-            finally:
-                _frames.stack.pop()
+            frame = _TraceFrame(self, rest, signature)
+            return _call_user(frame, self.fn, args, kwargs, _describe(signature))
 
         return template
 
@@ -531,7 +558,8 @@ class Recursive:
         else:
             for k in static.mode:
                 templates[k] = self._template(static, k)
-        return _executor.execute(templates, dynamic, arrays, static.meta.key, static.out_spec)
+        out_spec = jax.tree.unflatten(*static.out_spec)
+        return _executor.execute(templates, dynamic, arrays, static.meta.key, out_spec)
 
 
 # ---------------------------------------------------------------------- frames
@@ -542,21 +570,25 @@ class _TraceFrame:
         self.rec = rec
         self.rest = rest
         self.signature = signature
+        self.empty_reduction = False
 
     def check_args(self, rest):
         _check_same_args(self.rec._name, self.rest, rest)
 
 
 class _EagerFrame(_TraceFrame):
-    def __init__(self, rec, rest):
+    def __init__(self, rec, rest, memo=None):
         super().__init__(rec, rest, None)
-        self.memo: dict[int, Any] = {}
+        self.memo: dict[int, Any] = {} if memo is None else memo
 
     def compute(self, tree, args, kwargs, pos):
         key = id(tree)
         if key not in self.memo:
             a, k = _replace(args, kwargs, pos, _EagerNode(tree))
-            self.memo[key] = self.rec.fn(*a, **k)
+            # One frame per node, sharing the memo, so empty reductions are tracked per node.
+            frame = _EagerFrame(self.rec, self.rest, self.memo)
+            where = "a leaf" if tree.is_leaf else f"a node with {len(tree.children)} children"
+            self.memo[key] = _call_user(frame, self.rec.fn, a, k, where)
         return self.memo[key]
 
 

@@ -1,0 +1,331 @@
+"""Compiled (batched) equals eager (plain Python recursion): values and gradients."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import recjax as rj
+from models import (
+    assert_trees_close,
+    ast_to_tree,
+    child_sum_lstm,
+    child_sum_params,
+    evaluate,
+    node_subtrees,
+    random_binary_tree,
+    random_expression,
+    random_tree,
+    stdlib_functions,
+    tree_lstm,
+    tree_lstm_params,
+)
+
+
+def eager_all_nodes(fn, args_before, trees, args_after=()):
+    """Eager outputs for every node of Forest.from_trees(trees), stacked in node order."""
+    outs = [fn(*args_before, t, *args_after) for t in node_subtrees(trees)]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+
+
+def root_loss_eager(fn, trees):
+    def loss(p):
+        return sum(jnp.sum(fn(p, t)[0] ** 2) for t in trees)
+
+    return loss
+
+
+def root_loss_batched(fn, forest):
+    def loss(p):
+        h = fn.batch(p, forest)[0]
+        return jnp.sum(h[forest.roots] ** 2)
+
+    return loss
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("jit", [False, True])
+def test_binary_tree_lstm_matches_eager(seed, jit):
+    rng = np.random.default_rng(seed)
+    trees = [random_binary_tree(rng, int(rng.integers(1, 12))) for _ in range(6)]
+    forest = rj.Forest.from_trees(trees)
+    p = tree_lstm_params(jax.random.key(seed))
+    run = jax.jit(tree_lstm.batch) if jit else tree_lstm.batch
+    assert_trees_close(run(p, forest), eager_all_nodes(tree_lstm, (p,), trees))
+
+    grad = jax.grad(root_loss_batched(tree_lstm, forest))
+    got = (jax.jit(grad) if jit else grad)(p)
+    want = jax.grad(root_loss_eager(tree_lstm, trees))(p)
+    assert_trees_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_child_sum_over_python_asts(jit):
+    kinds: dict[str, int] = {}
+    functions = stdlib_functions(limit=24)
+    trees = [ast_to_tree(f, kinds) for f in functions]
+    forest = rj.Forest.from_trees(trees)
+    assert max(np.diff(forest.child_ptr)) > 4  # really variable arity
+    p = child_sum_params(jax.random.key(1), kinds=len(kinds) + 1)
+    run = jax.jit(child_sum_lstm.batch) if jit else child_sum_lstm.batch
+    got = run(p, forest)
+    roots = forest.roots
+    want = [child_sum_lstm(p, t) for t in trees]
+    assert_trees_close(jax.tree.map(lambda a: a[roots], got), jax.tree.map(lambda *x: jnp.stack(x), *want))
+
+    small = trees[:6]
+    small_forest = rj.Forest.from_trees(small)
+    grad = jax.grad(root_loss_batched(child_sum_lstm, small_forest))
+    got_g = (jax.jit(grad) if jit else grad)(p)
+    want_g = jax.grad(root_loss_eager(child_sum_lstm, small))(p)
+    assert_trees_close(got_g, want_g, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_child_sum_random_arities_all_nodes(seed):
+    rng = np.random.default_rng(seed)
+    trees = [
+        random_tree(rng, int(rng.integers(1, 15)), 6, lambda i: {"kind": int(rng.integers(7))})
+        for _ in range(5)
+    ]
+    forest = rj.Forest.from_trees(trees)
+    p = child_sum_params(jax.random.key(seed), kinds=7)
+    assert_trees_close(child_sum_lstm.batch(p, forest), eager_all_nodes(child_sum_lstm, (p,), trees))
+
+
+def exact_values(trees):
+    """Every node's value by exact Python arithmetic, in Forest.from_trees order."""
+    memo = {}
+    for node in reversed(node_subtrees(trees)):  # children come after parents in pre-order
+        if node.is_leaf:
+            memo[id(node)] = node.data["value"]
+        else:
+            a, b = (memo[id(c)] for c in node.children)
+            memo[id(node)] = (a + b, a - b, a * b)[node.data["op"]]
+    return [memo[id(n)] for n in node_subtrees(trees)]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_expression_evaluator(seed):
+    rng = np.random.default_rng(seed)
+    exprs = [random_expression(rng, int(rng.integers(0, 6))) for _ in range(30)]
+    trees = [t for t, _ in exprs]
+    forest = rj.Forest.from_trees(trees)
+    values = jax.jit(evaluate.batch)(forest)
+    np.testing.assert_allclose(values, exact_values(trees), rtol=1e-6)
+    np.testing.assert_allclose(values[forest.roots], [v for _, v in exprs], rtol=1e-6)
+    # the eager meaning (plain recursion) agrees on a few whole trees
+    for t, r in list(zip(trees, forest.roots))[:3]:
+        np.testing.assert_allclose(evaluate(t), values[r], rtol=1e-6)
+
+
+def test_expression_evaluator_gradient_wrt_data_scale():
+    @rj.recursive
+    def scaled(s, node):
+        if node.is_leaf:
+            return s * node.data["value"]
+        a, b = [scaled(s, ch) for ch in node.children]
+        return jax.lax.switch(node.data["op"], [lambda: a + b, lambda: a - b, lambda: a * b])
+
+    rng = np.random.default_rng(7)
+    trees = [random_expression(rng, 3)[0] for _ in range(3)]
+    forest = rj.Forest.from_trees(trees)
+    s = jnp.float32(0.7)
+    got = jax.grad(lambda s: scaled.batch(s, forest)[forest.roots].sum())(s)
+    want = jax.grad(lambda s: sum(scaled(s, t) for t in trees))(s)
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
+def test_dag_shared_nodes_computed_once():
+    calls = {"n": 0}
+
+    @rj.recursive
+    def f(w, node):
+        calls["n"] += 1
+        if node.is_leaf:
+            return jnp.tanh(w * node.data)
+        return jnp.tanh(w * node.data + node.children.map(lambda c: f(w, c)).sum())
+
+    shared = rj.Tree(0.5, [rj.Tree(1.0), rj.Tree(-2.0)])
+    a = rj.Tree(0.1, [shared, rj.Tree(3.0)])
+    b = rj.Tree(0.2, [shared, a, shared])
+    forest = rj.Forest.from_trees([b])
+    assert forest.num_nodes == 6  # b, shared, 1.0, -2.0, a, 3.0
+    assert forest.children(0).tolist() == [1, 4, 1]
+    # every node has exactly one buffer row and the rows are distinct
+    rows = forest.plan.row_of_node[: forest.num_nodes]
+    assert len(set(rows.tolist())) == forest.num_nodes
+    w = jnp.float32(0.9)
+    got = f.batch(w, forest)
+    calls["n"] = 0
+    want = eager_all_nodes(f, (w,), [b])
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    # eager memoises shared subtrees within one call too: 6 nodes -> 6 calls for the root
+    calls["n"] = 0
+    f(w, b)
+    assert calls["n"] == 6
+    g = jax.grad(lambda w: f.batch(w, forest)[0])(w)
+    np.testing.assert_allclose(g, jax.grad(lambda w: f(w, b))(w), rtol=1e-5)
+
+
+def test_from_children_dag_matches_eager():
+    # Node 3 has parents 1 and 2; node 4 has parents 0 and 3.
+    children = [[1, 2, 4], [3], [3, 4], [4], []]
+    data = {"x": np.arange(5, dtype=np.float32)}
+    forest = rj.Forest.from_children(children, data)
+
+    @rj.recursive
+    def f(node):
+        return node.data["x"] + 0.5 * node.children.map(lambda c: f(c)).sum()
+
+    leaf4 = rj.Tree({"x": 4.0})
+    n3 = rj.Tree({"x": 3.0}, [leaf4])
+    trees = rj.Tree({"x": 0.0}, [rj.Tree({"x": 1.0}, [n3]), rj.Tree({"x": 2.0}, [n3, leaf4]), leaf4])
+    want = [f(t) for t in [trees, trees.children[0], trees.children[1], n3, leaf4]]
+    np.testing.assert_allclose(f.batch(forest), want, rtol=1e-6)
+
+
+def test_dict_output_and_jvp_and_vmap():
+    @rj.recursive
+    def f(p, node):
+        if node.is_leaf:
+            return {"s": p["a"] * node.data, "n": jnp.float32(1)}
+        kids = node.children.map(lambda c: f(p, c))
+        s = kids.sum()
+        return {"s": jnp.tanh(s["s"] + p["b"] * node.data), "n": 1 + s["n"]}
+
+    rng = np.random.default_rng(3)
+    trees = [random_tree(rng, 9, 3, lambda i: float(rng.normal())) for _ in range(4)]
+    forest = rj.Forest.from_trees(trees)
+    p = {"a": jnp.float32(0.8), "b": jnp.float32(-0.3)}
+    out = f.batch(p, forest)
+    assert_trees_close(out, eager_all_nodes(f, (p,), trees))
+    np.testing.assert_allclose(out["n"][forest.roots], 9)
+
+    t = {"a": jnp.float32(1.0), "b": jnp.float32(0.5)}
+    _, tangent = jax.jvp(lambda p: f.batch(p, forest)["s"], (p,), (t,))
+    _, want = jax.jvp(lambda p: eager_all_nodes(f, (p,), trees)["s"], (p,), (t,))
+    np.testing.assert_allclose(tangent, want, rtol=1e-4, atol=1e-6)
+
+    ps = {"a": jnp.array([0.8, -1.0]), "b": jnp.array([-0.3, 0.2])}
+    batched = jax.vmap(lambda p: f.batch(p, forest)["s"])(ps)
+    for i in range(2):
+        pi = jax.tree.map(lambda a: a[i], ps)
+        np.testing.assert_allclose(batched[i], f.batch(pi, forest)["s"], rtol=1e-5)
+
+
+def test_reductions_mean_max_min_with_initial():
+    @rj.recursive
+    def f(node):
+        kids = node.children.map(lambda c: f(c)[0][0])
+        return jnp.stack([
+            node.data + kids.max(initial=-1.0),
+            node.data + kids.min(initial=5.0),
+            kids.sum(initial=0.25),
+        ]), node.data
+
+    @rj.recursive
+    def g(node):  # mean needs a leaf branch
+        if node.is_leaf:
+            return node.data
+        return node.data + node.children.map(g).mean()
+
+    rng = np.random.default_rng(0)
+    trees = [random_tree(rng, 12, 5, lambda i: float(rng.normal())) for _ in range(5)]
+    forest = rj.Forest.from_trees(trees)
+    assert_trees_close(f.batch(forest), eager_all_nodes(f, (), trees))
+    np.testing.assert_allclose(g.batch(forest), eager_all_nodes(g, (), trees), rtol=1e-5)
+
+
+def test_padding_never_makes_nan_gradients():
+    # sqrt and log have infinite derivatives at 0: padding rows must not read zeros.
+    @rj.recursive
+    def f(w, node):
+        if node.is_leaf:
+            return jnp.sqrt(w * node.data + 1.0)
+        m = node.children.map(lambda c: jnp.log(f(w, c))).max()
+        return jnp.sqrt(jnp.exp(m) + w)
+
+    rng = np.random.default_rng(1)
+    trees = [random_tree(rng, int(rng.integers(1, 30)), 4, lambda i: float(rng.random())) for _ in range(7)]
+    forest = rj.Forest.from_trees(trees)
+    w = jnp.float32(0.5)
+    g = jax.grad(lambda w: f.batch(w, forest).sum())(w)
+    assert np.isfinite(g)
+    np.testing.assert_allclose(g, jax.grad(lambda w: eager_all_nodes(f, (w,), trees).sum())(w), rtol=1e-4)
+
+
+def test_same_bucket_does_not_retrace():
+    @rj.recursive
+    def f(p, node):
+        if node.is_leaf:
+            return p * node.data["token"].astype(jnp.float32)
+        l, r = [f(p, c) for c in node.children]
+        return jnp.tanh(l + r)
+
+    rng = np.random.default_rng(0)
+    f1 = rj.Forest.from_trees([random_binary_tree(rng, 10) for _ in range(8)])
+    f2 = rj.Forest.from_trees([random_binary_tree(rng, 10) for _ in range(8)])
+    assert f1._meta == f2._meta  # same bucket; the trees differ
+    assert f1.child_idx.tolist() != f2.child_idx.tolist()
+    p = jnp.float32(0.1)
+    a = f.batch(p, f1)
+    b = f.batch(p, f2)
+    assert f._num_traces == 1
+    # different results, so the second call really used the second plan
+    assert not np.allclose(a[f1.roots], b[f2.roots])
+
+    # the Forest as an argument of an outer jit: one trace for both batches
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(p, forest):
+        return jax.grad(lambda p: f.batch(p, forest)[forest.roots].sum())(p)
+
+    step(p, f1)
+    step(p, f2)
+    np.testing.assert_allclose(
+        step(p, f2), jax.grad(lambda p: sum(f(p, t) for t in [None] if False) + f.batch(p, f2)[f2.roots].sum())(p), rtol=1e-5
+    )
+
+
+def test_single_node_and_all_leaf_forests():
+    @rj.recursive
+    def f(node):
+        return 2.0 * node.data + node.children.map(f).sum()
+
+    forest = rj.Forest.from_trees([rj.Tree(1.0), rj.Tree(2.0)])
+    np.testing.assert_allclose(f.batch(forest), [2.0, 4.0])
+    forest = rj.Forest.from_parents([-1], {"x": [3.0]})
+    np.testing.assert_allclose(jax.tree.leaves(rj.recursive(lambda n: n.data).batch(forest)), [[3.0]])
+
+
+def test_deep_chain_plans_and_runs():
+    n = 100_000
+    parent = np.arange(-1, n - 1)  # node i's parent is i - 1: a chain of depth n - 1
+    forest = rj.Forest.from_parents(parent, {"x": np.ones(n, np.float32)})
+    assert forest.plan.num_steps >= n - 1  # sequential steps follow the depth
+    # Tree objects nested 100,000 deep convert without recursion
+    t = rj.Tree(1.0)
+    for _ in range(n - 1):
+        t = rj.Tree(1.0, [t])
+    assert rj.Forest.from_trees([t]).num_nodes == n
+
+    @rj.recursive
+    def count(node):
+        return node.data["x"] + node.children.map(count).sum()
+
+    short = rj.Forest.from_parents(np.arange(-1, 499), {"x": np.ones(500, np.float32)})
+    np.testing.assert_allclose(count.batch(short), np.arange(500, 0, -1))
+
+
+def test_steps_grow_with_depth_not_nodes():
+    rng = np.random.default_rng(0)
+    small = rj.Forest.from_trees([random_binary_tree(rng, 16)])
+    big = rj.Forest.from_trees([random_binary_tree(rng, 16) for _ in range(400)])
+    depth_small = int(small.plan.height.max())
+    depth_big = int(big.plan.height.max())
+    # steps are at most a few per level, however many nodes
+    assert big.plan.num_steps <= 4 * depth_big + 8
+    assert big.num_nodes > 100 * small.num_nodes
+    assert depth_big < 4 * depth_small + 20
