@@ -139,9 +139,11 @@ class _ListRagged(Ragged):
 
     def _reduce(self, op, initial):
         if not self._values:
-            _note_empty_reduction()
             if op == "sum":
-                return 0 if initial is None else initial
+                if initial is None:
+                    _note_empty_reduction()
+                    return 0
+                return initial
             if initial is None:
                 raise ValueError(
                     f"children.map(...).{op}() at a node without children: there is no "
