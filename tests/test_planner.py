@@ -1,0 +1,117 @@
+"""Plan invariants on random forests and DAGs (numpy only)."""
+
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import recjax as rj
+from recjax import _planner
+
+
+def random_dag(rng, n, max_children, share):
+    """Children lists where node i's children are drawn from nodes > i (so it is acyclic)."""
+    children = []
+    for i in range(n):
+        k = int(rng.integers(0, max_children + 1)) if i < n - 1 else 0
+        pool = np.arange(i + 1, n)
+        if share:
+            kids = rng.choice(pool, size=min(k, pool.size), replace=True) if pool.size else []
+        else:
+            kids = []
+        children.append([int(c) for c in kids])
+    return children
+
+
+def brute_heights(children):
+    n = len(children)
+    h = [0] * n
+    for i in reversed(range(n)):  # children have larger ids
+        h[i] = 1 + max((h[c] for c in children[i]), default=-1)
+    return h
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_plan_invariants(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 400))
+    if seed % 2:
+        children = random_dag(rng, n, 4, share=True)
+    else:
+        parent = np.array([-1] + [int(rng.integers(max(0, i - 30), i)) for i in range(1, n)])
+        forest = rj.Forest.from_parents(parent, np.zeros(n, np.float32))
+        children = [forest.children(i).tolist() for i in range(n)]
+    forest = rj.Forest.from_children(children, np.zeros(n, np.float32)) if seed % 2 else forest
+    plan = forest.plan
+    key = plan.key
+    assert plan.height.tolist() == brute_heights(children)
+
+    # every real node has its own row; padding rows of row_of_node point to row 0
+    rows = plan.row_of_node[:n]
+    assert len(set(rows.tolist())) == n
+    assert (plan.row_of_node[n:] == 0).all()
+    assert rows.max() < key.num_buffer_rows
+
+    # leaves first; every internal node appears in exactly one table cell
+    leaves = [i for i in range(n) if not children[i]]
+    assert sorted(rows[leaves].tolist()) == list(range(len(leaves)))
+    seen = []
+    base = key.num_leaf_rows
+    for pk, t in zip(key.phases, plan.phases):
+        assert t.node.shape == (pk.steps, pk.width) and t.edge_child.shape == (pk.steps, pk.edges)
+        for s in range(pk.steps):
+            for r in range(pk.width):
+                row = base + s * pk.width + r
+                d = t.degree[s, r]
+                if d == 0:  # padding: reads node 0, no edges
+                    assert t.node[s, r] == 0
+                    continue
+                node = int(t.node[s, r])
+                seen.append(node)
+                assert rows[node] == row
+                assert d == len(children[node])
+                slots = range(t.edge_start[s, r], t.edge_start[s, r] + d)
+                got = [int(t.edge_child[s, e]) for e in slots]
+                assert got == [int(rows[c]) for c in children[node]]
+                assert all(t.edge_segment[s, e] == r for e in slots)
+                # children were computed before this step began
+                assert all(g < base + s * pk.width for g in got)
+            # padding edge slots are dropped by segment ops and read row 0
+            pad = t.edge_segment[s] == pk.width
+            assert (t.edge_child[s][pad] == 0).all()
+            assert (t.edge_segment[s] <= pk.width).all()
+        base += pk.steps * pk.width
+    assert sorted(seen) == [i for i in range(n) if children[i]]
+    assert base == key.num_buffer_rows
+
+
+def test_ladder_is_geometric_and_monotone():
+    values = [_planner.ladder(n) for n in range(0, 5000)]
+    assert all(v >= n for n, v in enumerate(values))
+    assert all(b >= a for a, b in zip(values, values[1:]))
+    assert all(v <= 1.5 * n for n, v in enumerate(values) if n >= 4)
+    assert len(set(values)) < 30  # few buckets
+
+
+def test_similar_batches_share_a_bucket():
+    rng = np.random.default_rng(0)
+    keys = set()
+    for _ in range(30):
+        n = int(rng.integers(900, 1000))
+        parent = np.array([-1] + [int(rng.integers(max(0, i - 3), i)) for i in range(1, n)])
+        keys.add(rj.Forest.from_parents(parent, np.zeros(n)).plan.key)
+    assert len(keys) <= 6
+
+
+def test_planner_does_not_import_jax():
+    path = pathlib.Path(_planner.__file__)
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('planner', {str(path)!r})\n"
+        "m = importlib.util.module_from_spec(spec); sys.modules['planner'] = m; spec.loader.exec_module(m)\n"
+        "m.plan(__import__('numpy').array([0, 2, 2, 2]), __import__('numpy').array([1, 2]))\n"
+        "assert 'jax' not in sys.modules, 'the planner imported jax'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
