@@ -17,7 +17,10 @@ Data files hold one example per line: the exact integer value of the expression,
 tab, the expression. They were written once by ``write_data_files()``, i.e. by
 ``generate_expressions(TRAIN_SIZE + TEST_SIZE, MAX_DEPTH, DATA_SEED)``: the first
 ``TRAIN_SIZE`` lines are the training set, the rest the test set (all expressions
-distinct, so no test expression is seen in training).
+distinct, so no test expression is seen in training). The training set is large on
+purpose: trained on the first 4,000 expressions only (``--limit 4000``) the model
+memorises them (training loss near 0) and reaches about 0.33 test accuracy, barely
+above the majority class (0.21); with 16,000 it learns the arithmetic.
 
 Batching. Every batch is one ``rj.Forest``, built once before training. A jitted
 function compiles once per distinct forest structure (its ``plan.key`` and exact node
@@ -57,7 +60,7 @@ NUM_CLASSES = 10
 
 DATA_SEED = 0
 MAX_DEPTH = 4
-TRAIN_SIZE = 4000
+TRAIN_SIZE = 16000
 TEST_SIZE = 500
 TRAIN_FILE = "calc_train.txt"
 TEST_FILE = "calc_test.txt"
@@ -99,8 +102,10 @@ def generate_expressions(
 
     Each expression's depth (operator levels on its longest path) is drawn uniformly
     from ``1 .. max_depth``; one child of every operator continues the longest path, the
-    other gets a uniform smaller depth. A duplicate of an earlier expression is drawn
-    again. Exact and reproducible: it depends only on ``seed``.
+    other gets a uniform smaller depth; operators are drawn uniformly from
+    ``operators``, digits from 0-9. A duplicate of an earlier expression is drawn again.
+    Exact and reproducible: it depends only on the arguments (it uses only
+    ``random.Random(seed).random()``, whose sequence Python keeps across versions).
 
     Example:
       >>> generate_expressions(2, 2, seed=0)
@@ -108,6 +113,13 @@ def generate_expressions(
     """
     if max_depth < 1:
         raise ValueError(f"max_depth must be at least 1; got {max_depth}.")
+    at_most = 10  # distinct expressions of depth <= d, for d = 0, 1, ...
+    for _ in range(max_depth):
+        at_most = 10 + len(operators) * at_most**2
+    if n > at_most - 10:
+        raise ValueError(
+            f"there are only {at_most - 10} distinct expressions of depth 1-{max_depth}."
+        )
     rng = random.Random(seed)
     seen: set[str] = set()
     lines = []
@@ -130,7 +142,8 @@ def write_data_files(directory: str | pathlib.Path) -> None:
 
 def read_data_file(name: str) -> str:
     """The text of a shipped data file, located with ``importlib.resources``."""
-    return importlib.resources.files("recjax").joinpath("data", name).read_text(encoding="utf-8")
+    path = importlib.resources.files("recjax").joinpath("data").joinpath(name)
+    return path.read_text(encoding="utf-8")
 
 
 # ---------------------------------------------------------------------- parsing
@@ -221,7 +234,10 @@ def expression_to_string(tree: rj.Tree) -> str:
     text: dict[int, str] = {}
     for t in _postorder(tree):
         tok = VOCAB[t.data["token"]]
-        text[id(t)] = tok if t.is_leaf else f"({tok} " + " ".join(text[id(c)] for c in t.children) + ")"
+        if t.is_leaf:
+            text[id(t)] = tok
+        else:
+            text[id(t)] = f"({tok} " + " ".join(text[id(c)] for c in t.children) + ")"
     return text[id(tree)]
 
 
@@ -256,9 +272,10 @@ def parse_lines(text: str) -> tuple[list[rj.Tree], np.ndarray]:
     return trees, np.asarray(labels, dtype=np.int32)
 
 
-def load_dataset(name: str) -> tuple[list[rj.Tree], np.ndarray]:
-    """The trees and labels (value mod 10) of a shipped data file."""
-    return parse_lines(read_data_file(name))
+def load_dataset(name: str, limit: int | None = None) -> tuple[list[rj.Tree], np.ndarray]:
+    """The trees and labels (value mod 10) of a shipped data file (its first ``limit``)."""
+    lines = read_data_file(name).splitlines()
+    return parse_lines("\n".join(lines[:limit]))
 
 
 # ---------------------------------------------------------------------- the model
@@ -358,7 +375,9 @@ def _comb_heights(internal: Sequence[int]) -> list[int]:
     """
     d = list(internal) + [0]
     if any(x < 0 for x in d) or any(a < b for a, b in zip(d, d[1:])):
-        raise ValueError(f"operator counts per height must be >= 0 and non-increasing; got {internal}.")
+        raise ValueError(
+            f"operator counts per height must be >= 0 and non-increasing; got {internal}."
+        )
     return [h for h in range(len(d) - 1, 0, -1) for _ in range(d[h - 1] - d[h])]
 
 
@@ -406,7 +425,9 @@ def filler_trees(num_roots: int, internal: Sequence[int]) -> list[rj.Tree]:
     hang = max(0, len(heights) - num_roots)
     hung = _hang(heights, hang)
     if hung is None:
-        raise ValueError(f"{num_roots} trees cannot hold {list(internal)} operator nodes per height.")
+        raise ValueError(
+            f"{num_roots} trees cannot hold {list(internal)} operator nodes per height."
+        )
     leaf = lambda: rj.Tree({"token": 0})  # noqa: E731
     built: list = [None] * len(heights)
     for i in reversed(range(len(heights))):  # shorter combs (hung ones) first
@@ -476,13 +497,14 @@ def build_parser() -> argparse.ArgumentParser:
             "Train a binary Tree-LSTM with recjax on the calculator task: expression trees "
             "over the digits 0-9 and the operators + - * (depth 1-4, data shipped with the "
             "package). The model predicts the value of the expression MODULO 10 (a "
-            "10-class classification; Python's %%, so -3 is class 7) from the root's hidden "
-            "state. Prints per epoch the mean training loss, the test accuracy on 500 "
-            "held-out expressions and the training throughput in tree nodes per second."
+            "10-class classification; Python's %, so -3 is class 7) from the root's hidden "
+            "state. Prints per epoch the mean training loss, the test accuracy on "
+            f"{TEST_SIZE} held-out expressions and the training throughput in tree nodes "
+            "per second."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--epochs", type=int, default=30, help="training epochs")
+    parser.add_argument("--epochs", type=int, default=20, help="training epochs")
     parser.add_argument("--batch-size", type=int, default=64, help="trees per batch")
     parser.add_argument("--hidden", type=int, default=64, help="Tree-LSTM hidden size")
     parser.add_argument("--embed", type=int, default=32, help="token embedding size")
@@ -504,10 +526,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise SystemExit("--limit must be at least 1.")
     start = time.perf_counter()
 
-    train_trees, train_labels = load_dataset(TRAIN_FILE)
+    train_trees, train_labels = load_dataset(TRAIN_FILE, args.limit)
     test_trees, test_labels = load_dataset(TEST_FILE)
-    if args.limit is not None:
-        train_trees, train_labels = train_trees[: args.limit], train_labels[: args.limit]
     batch_size = min(args.batch_size, len(train_trees))
     rng = np.random.default_rng(args.seed)
     batches = make_batches(train_trees, train_labels, batch_size, rng)
@@ -520,17 +540,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     opt_state = optimizer.init(params)
     train_step = make_train_step(optimizer)
 
-    # One compiled program per distinct batch structure: compile them all up front
-    # (running one step on each, results discarded) so epochs time only training.
-    t0 = time.perf_counter()
-    programs = {}
-    for b in batches:
-        programs.setdefault((b.forest.plan.key, b.forest.num_nodes), b)
-    for b in programs.values():
-        jax.block_until_ready(train_step(params, opt_state, b.forest, b.labels, b.weights))
-    jax.block_until_ready(predict(params, test_forest))
-    compile_s = time.perf_counter() - t0
-
     print(
         f"recjax demo: binary Tree-LSTM on the calculator task (value mod 10), "
         f"jax {jax.__version__} on {jax.devices()[0].platform}"
@@ -540,9 +549,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"batches of {batch_size} (padded to {padded_nodes} nodes); test: "
         f"{len(test_trees)} expressions"
     )
+    print(f"hidden {args.hidden}, embed {args.embed}, adam lr {args.lr}", flush=True)
+
+    # One compiled program per distinct batch structure: compile them all up front
+    # (running one step on each, results discarded) so epochs time only training.
+    t0 = time.perf_counter()
+    programs = {}
+    for b in batches:
+        programs.setdefault((b.forest.plan.key, b.forest.num_nodes), b)
+    for b in programs.values():
+        jax.block_until_ready(train_step(params, opt_state, b.forest, b.labels, b.weights))
+    jax.block_until_ready(predict(params, test_forest))
     print(
-        f"hidden {args.hidden}, embed {args.embed}, adam lr {args.lr}; compiled "
-        f"{len(programs)} train-step programs + 1 eval program in {compile_s:.1f} s"
+        f"compiled {len(programs)} train-step program(s) + 1 eval program in "
+        f"{time.perf_counter() - t0:.1f} s"
     )
     print(f"{'epoch':>5}  {'loss':>7}  {'test acc':>8}  {'train nodes/s':>13}")
 
@@ -560,7 +580,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         predictions = np.asarray(predict(params, test_forest))
         accuracy = float(np.mean(predictions == test_labels))
         nodes_per_s = num_train_nodes / elapsed
-        history.append({"epoch": epoch, "loss": loss, "accuracy": accuracy, "nodes_per_s": nodes_per_s})
+        history.append(
+            {"epoch": epoch, "loss": loss, "accuracy": accuracy, "nodes_per_s": nodes_per_s}
+        )
         print(f"{epoch:>5}  {loss:>7.4f}  {accuracy:>8.3f}  {nodes_per_s:>13,.0f}", flush=True)
 
     depths = np.asarray([tree_depth(t) for t in test_trees])
@@ -573,7 +595,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "final test accuracy: "
         f"{accuracy:.3f} (by depth: "
         + ", ".join(f"{d}: {a:.3f}" for d, a in by_depth.items())
-        + f"; chance 0.100)"
+        + f"; majority class {np.bincount(test_labels).max() / len(test_labels):.3f})"
     )
     print(f"total time: {total_s:.1f} s")
     return {
