@@ -40,12 +40,13 @@ class Forest:
     A Forest is a pytree: its leaves are the per-node data padded to
     ``plan.key.num_node_rows`` rows (the padding rows copy node 0) and the plan's index
     tables; the static sizes are metadata. So it can be an argument of a ``jax.jit``-ed
-    function, and two forests in the same size bucket (equal ``plan.key``, arities and
-    node count) reuse one compiled program. The children arrays stay on the host.
+    function; ``padded()`` makes the node and root counts bucket sizes too, so that
+    forests of similar size share one trace. The children arrays stay on the host.
 
     Attributes:
-      num_nodes: number of nodes.
+      num_nodes: number of nodes (padding nodes included, see ``padded``).
       roots: ``[num_roots]`` int array, the root nodes in input order.
+      node_mask, root_mask: bool arrays, False on the padding that ``padded`` appends.
       data: pytree of arrays with leading axis ``num_nodes``.
       child_ptr, child_idx: the children CSR arrays (host only; ``None`` inside ``jit``).
       plan: the ``Plan`` (index tables; see ``recjax._planner``).
@@ -229,16 +230,84 @@ class Forest:
             )
         return cls._build(child_ptr, child_idx, data, roots)
 
+    def padded(self, key: _planner.PlanKey | None = None, num_roots: int | None = None) -> Forest:
+        """This forest grown to bucket sizes, so that jitted code sees bucketed shapes only.
+
+        ``num_nodes`` becomes the plan's node bucket and ``roots`` is padded to a ladder
+        length (or ``num_roots``). The padding nodes hold copies of node 0's data, are not
+        computed (their output rows are copies of a real leaf's output, finite but
+        meaningless), and are False in ``node_mask``; padding roots are node 0 and False
+        in ``root_mask``. With ``key``, the plan is at least that large (see
+        ``pad_all``).
+
+        Use it when a ``jax.jit``-ed function takes the Forest as an argument: forests
+        with equal padded shapes share one trace, where exact sizes retrace per batch.
+
+        Args:
+          key: optional ``PlanKey`` to grow the plan to (for example a union of keys).
+          num_roots: optional length of ``roots`` (at least the real number of roots).
+
+        Example:
+          >>> import recjax as rj
+          >>> f = rj.Forest.from_parents([-1, 0, 0, 1, 1], {"x": [1.0, 2.0, 3.0, 4.0, 5.0]}).padded()
+          >>> f.num_nodes, f.node_mask.tolist(), f.roots.tolist(), f.root_mask.tolist()
+          (6, [True, True, True, True, True, False], [0], [True])
+        """
+        if self.child_ptr is None:
+            raise ValueError("Forest.padded() needs the host arrays; call it outside jit.")
+        n = int(np.count_nonzero(np.asarray(self.node_mask)))
+        r = int(np.count_nonzero(np.asarray(self.root_mask)))
+        num_roots = _planner.ladder(r) if num_roots is None else num_roots
+        if num_roots < r:
+            raise ValueError(f"num_roots={num_roots} is less than the {r} roots of this forest.")
+        child_ptr, child_idx = self.child_ptr[: n + 1], self.child_idx
+        data = jax.tree.map(lambda a: a[:n], self.data)
+        roots = np.asarray(self.roots)[:r]
+        return Forest._build(child_ptr, child_idx, data, roots, at_least=key, pad_roots=num_roots)
+
     @classmethod
-    def _build(cls, child_ptr, child_idx, data, roots) -> Forest:
+    def pad_all(cls, forests: Sequence[Forest]) -> list[Forest]:
+        """Pads every forest to one shape (the union of their plan keys, the most roots).
+
+        The padded forests share one compiled program, inside ``f.batch`` and inside a
+        jitted function that takes them as an argument. Each costs what the largest
+        needs, so pad together forests of similar size (for example one epoch's batches
+        after sorting the trees by size).
+
+        Example:
+          >>> import recjax as rj
+          >>> a = rj.Forest.from_parents([-1, 0, 0], {"x": [1.0, 2.0, 3.0]})
+          >>> b = rj.Forest.from_parents([-1, 0, 1, -1], {"x": [1.0, 2.0, 3.0, 4.0]})
+          >>> pa, pb = rj.Forest.pad_all([a, b])
+          >>> pa._meta == pb._meta, pa.roots.shape == pb.roots.shape
+          (True, True)
+        """
+        forests = list(forests)
+        if not forests:
+            raise ValueError("Forest.pad_all got no forests.")
+        key = forests[0]._meta.key
+        for f in forests[1:]:
+            key = key.union(f._meta.key)
+        num_roots = _planner.ladder(max(int(np.count_nonzero(np.asarray(f.root_mask))) for f in forests))
+        return [f.padded(key, num_roots) for f in forests]
+
+    @classmethod
+    def _build(cls, child_ptr, child_idx, data, roots, at_least=None, pad_roots=None) -> Forest:
+        """Plans and packs a validated forest; with ``pad_roots`` it is padded (see ``padded``)."""
         n = child_ptr.shape[0] - 1
-        plan = _planner.plan(child_ptr, child_idx)
+        plan = _planner.plan(child_ptr, child_idx, at_least)
         degree = np.diff(child_ptr)
         arities, first = np.unique(degree[degree > 0], return_index=True)
         internal = np.flatnonzero(degree > 0)
         example = {int(a): int(internal[i]) for a, i in zip(arities, first)}
+        num_nodes = n if pad_roots is None else plan.key.num_node_rows
+        node_mask = np.arange(num_nodes) < n
+        root_mask = np.arange(max(roots.size, pad_roots or 0)) < roots.size
+        roots = np.concatenate([roots, np.zeros(root_mask.size - roots.size, roots.dtype)])
+        if num_nodes > n:  # padding nodes are leaves in the host view (never computed)
+            child_ptr = np.concatenate([child_ptr, np.full(num_nodes - n, child_ptr[-1])])
         meta = _Meta(
-            num_nodes=n,
+            num_nodes=num_nodes,
             key=plan.key,
             arities=tuple(int(a) for a in arities) if arities.size <= MAX_SPECIALISED_ARITIES else None,
             example_node=example,
@@ -248,6 +317,8 @@ class Forest:
         arrays = {
             "data": padded,
             "roots": roots.astype(np.int32),
+            "node_mask": node_mask,
+            "root_mask": root_mask,
             "leaf_node": plan.leaf_node,
             "row_of_node": plan.row_of_node,
             "phases": [dataclasses.asdict(t) for t in plan.phases],
@@ -265,6 +336,16 @@ class Forest:
     @property
     def roots(self):
         return self._arrays["roots"]
+
+    @property
+    def node_mask(self):
+        """``[num_nodes]`` bool: False for the padding nodes that ``padded()`` appends."""
+        return self._arrays["node_mask"]
+
+    @property
+    def root_mask(self):
+        """``[len(roots)]`` bool: False for the padding entries that ``padded()`` appends."""
+        return self._arrays["root_mask"]
 
     @property
     def data(self):

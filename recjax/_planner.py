@@ -63,6 +63,27 @@ class PlanKey(NamedTuple):
     def num_buffer_rows(self) -> int:
         return self.num_leaf_rows + sum(p.width * p.steps for p in self.phases)
 
+    def union(self, other: PlanKey) -> PlanKey:
+        """The smallest key at least as large as both: every size is the larger one.
+
+        A forest planned with ``plan(..., at_least=a.union(b))`` runs the program of that
+        key; planning a list of batches at their union gives them one compiled program.
+
+        >>> a = PlanKey(4, 8, (PhaseKey(8, 2, 4),))
+        >>> b = PlanKey(6, 6, (PhaseKey(32, 1, 32), PhaseKey(8, 1, 8)))
+        >>> a.union(b)
+        PlanKey(num_leaf_rows=6, num_node_rows=8, phases=(PhaseKey(width=32, steps=1, edges=32), PhaseKey(width=8, steps=2, edges=8)))
+        """
+        by_width: dict[int, PhaseKey] = {}
+        for p in self.phases + other.phases:
+            q = by_width.get(p.width, PhaseKey(p.width, 0, 0))
+            by_width[p.width] = PhaseKey(p.width, max(p.steps, q.steps), max(p.edges, q.edges))
+        return PlanKey(
+            max(self.num_leaf_rows, other.num_leaf_rows),
+            max(self.num_node_rows, other.num_node_rows),
+            tuple(by_width[w] for w in WIDTH_CLASSES[::-1] if w in by_width),
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class PhaseTables:
@@ -181,7 +202,7 @@ def _width_class(n: np.ndarray) -> np.ndarray:
     return np.where(fits.any(axis=1), classes[np.argmax(fits, axis=1)], classes[-1])
 
 
-def plan(child_ptr: np.ndarray, child_idx: np.ndarray) -> Plan:
+def plan(child_ptr: np.ndarray, child_idx: np.ndarray, at_least: PlanKey | None = None) -> Plan:
     """Plans the bottom-up evaluation of a forest given as children CSR arrays.
 
     Equivalent program (what the executor does with the plan)::
@@ -196,6 +217,8 @@ def plan(child_ptr: np.ndarray, child_idx: np.ndarray) -> Plan:
       child_ptr: ``[N + 1]`` CSR offsets; node i's children are
         ``child_idx[child_ptr[i]:child_ptr[i + 1]]``, in order.
       child_idx: ``[E]`` child node ids, already validated to lie in ``[0, N)``.
+      at_least: optional key; every static size of the plan is at least its size
+        (extra steps and rows are padding), so several forests can share one program.
 
     Returns:
       A ``Plan``.
@@ -208,10 +231,11 @@ def plan(child_ptr: np.ndarray, child_idx: np.ndarray) -> Plan:
     n = child_ptr.shape[0] - 1
     degree = np.diff(child_ptr)
     height = heights(child_ptr, child_idx)
+    floor = {p.width: p for p in at_least.phases} if at_least is not None else {}
 
     leaves = np.flatnonzero(degree == 0)
-    num_leaf_rows = ladder(leaves.size)
-    row_of_node = np.zeros(ladder(n), dtype=np.int64)
+    num_leaf_rows = max(ladder(leaves.size), at_least.num_leaf_rows if at_least else 0)
+    row_of_node = np.zeros(max(ladder(n), at_least.num_node_rows if at_least else 0), dtype=np.int64)
     row_of_node[leaves] = np.arange(leaves.size)
     leaf_node = np.full(num_leaf_rows, leaves[0], dtype=np.int64)
     leaf_node[: leaves.size] = leaves
@@ -228,51 +252,47 @@ def plan(child_ptr: np.ndarray, child_idx: np.ndarray) -> Plan:
     rank = np.arange(order.size) - np.repeat(level_first, level_size)
     node_class = np.repeat(level_class, level_size)
 
-    phase_keys, phase_tables = [], []
+    # First pass: every node's step, local row and buffer row, phase by phase.
+    phases = []
     base = num_leaf_rows
     for width in WIDTH_CLASSES[::-1]:
         in_phase = level_class == width
         real_steps = int(level_steps[in_phase].sum())
-        if real_steps == 0:
-            phase_keys.append(PhaseKey(width, 0, 0))
-            phase_tables.append(None)
+        steps = max(ladder(real_steps), floor[width].steps if width in floor else 0)
+        if steps == 0:
             continue
-        steps = ladder(real_steps)
         step_first = np.cumsum(level_steps * in_phase) - level_steps * in_phase
         sel = node_class == width
         nodes = order[sel]
         step = np.repeat(step_first, level_size)[sel] + rank[sel] // width
         local = rank[sel] % width
         row_of_node[nodes] = base + step * width + local
-        phase_tables.append((nodes, step, local))
-        phase_keys.append(PhaseKey(width, steps, 0))
+        phases.append((width, steps, nodes, step, local))
         base += steps * width
 
-    tables = []
-    for i, (pk, entry) in enumerate(zip(phase_keys, phase_tables)):
-        if entry is None:
-            continue
-        nodes, step, local = entry
+    # Second pass: the tables (children's rows are known now).
+    phase_keys, tables = [], []
+    for width, steps, nodes, step, local in phases:
         deg = degree[nodes]
         # Edge offsets restart at every step; nodes of one step are contiguous here.
         cum = np.cumsum(deg) - deg
-        step_edge_first = np.zeros(pk.steps, dtype=np.int64)
-        first_in_step = np.r_[True, step[1:] != step[:-1]]
+        step_edge_first = np.zeros(steps, dtype=np.int64)
+        first_in_step = np.r_[True, step[1:] != step[:-1]] if step.size else np.zeros(0, bool)
         step_edge_first[step[first_in_step]] = cum[first_in_step]
         start = cum - step_edge_first[step]
-        edges_per_step = np.bincount(step, weights=deg, minlength=pk.steps).astype(np.int64)
-        num_edges = ladder(int(edges_per_step.max()))
-        pk = phase_keys[i] = PhaseKey(pk.width, pk.steps, num_edges)
+        edges_per_step = np.bincount(step, weights=deg, minlength=steps).astype(np.int64)
+        num_edges = max(ladder(int(edges_per_step.max())), floor[width].edges if width in floor else 0, 1)
+        phase_keys.append(PhaseKey(width, steps, num_edges))
 
-        node_t = np.zeros((pk.steps, pk.width), dtype=np.int64)
-        degree_t = np.zeros((pk.steps, pk.width), dtype=np.int64)
-        start_t = np.zeros((pk.steps, pk.width), dtype=np.int64)
+        node_t = np.zeros((steps, width), dtype=np.int64)
+        degree_t = np.zeros((steps, width), dtype=np.int64)
+        start_t = np.zeros((steps, width), dtype=np.int64)
         node_t[step, local] = nodes
         degree_t[step, local] = deg
         start_t[step, local] = start
 
-        edge_child = np.zeros((pk.steps, num_edges), dtype=np.int64)
-        edge_seg = np.full((pk.steps, num_edges), pk.width, dtype=np.int64)
+        edge_child = np.zeros((steps, num_edges), dtype=np.int64)
+        edge_seg = np.full((steps, num_edges), width, dtype=np.int64)
         e_src = concat_ranges(child_ptr[nodes], deg)
         e_step = np.repeat(step, deg)
         e_pos = np.repeat(start, deg) + concat_ranges(np.zeros_like(deg), deg)
@@ -287,7 +307,7 @@ def plan(child_ptr: np.ndarray, child_idx: np.ndarray) -> Plan:
     key = PlanKey(
         num_leaf_rows=num_leaf_rows,
         num_node_rows=row_of_node.shape[0],
-        phases=tuple(pk for pk in phase_keys if pk.steps),
+        phases=tuple(phase_keys),
     )
     return Plan(
         key=key,

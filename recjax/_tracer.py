@@ -457,8 +457,10 @@ class Recursive:
             lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), forest._arrays["data"]
         )
         dyn_spec = tuple(jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)) for x in dynamic)
-        static = _Static(pos, treedef, static_leaves, meta, None, None)
-        mode, out_spec = self._signatures(static, dyn_spec, data_spec)
+        # The executor depends on the plan's bucketed sizes and the arities, never on the
+        # exact node count, so batches in one bucket share its compiled program.
+        static = _Static(pos, treedef, static_leaves, (meta.key, meta.arities), None, None)
+        mode, out_spec = self._signatures(static, meta, dyn_spec, data_spec)
         flat_spec = (jax.tree.structure(out_spec), tuple(jax.tree.leaves(out_spec)))  # hashable
         static = static._replace(mode=mode, out_spec=flat_spec)
         out = self._jit_execute(static, dynamic, forest._arrays)
@@ -493,13 +495,13 @@ class Recursive:
 
         return template
 
-    def _signatures(self, static, dyn_spec, data_spec):
+    def _signatures(self, static, meta, dyn_spec, data_spec):
         """Traces the signatures abstractly: which templates run, and the output structure."""
-        cache_key = (static, dyn_spec, jax.tree.structure(data_spec), tuple(jax.tree.leaves(data_spec)))
+        has_internal = bool(meta.example_node)
+        cache_key = (static, has_internal, dyn_spec, jax.tree.structure(data_spec), tuple(jax.tree.leaves(data_spec)))
         hit = self._signature_cache.get(cache_key)
         if hit is not None:
             return hit
-        meta = static.meta
         one = lambda s: jax.ShapeDtypeStruct((1,) + s.shape, s.dtype)  # noqa: E731
         data1 = jax.tree.map(one, data_spec)
 
@@ -561,7 +563,8 @@ class Recursive:
             for k in static.mode:
                 templates[k] = self._template(static, k)
         out_spec = jax.tree.unflatten(*static.out_spec)
-        return _executor.execute(templates, dynamic, arrays, static.meta.key, out_spec)
+        plan_key, _ = static.meta
+        return _executor.execute(templates, dynamic, arrays, plan_key, out_spec)
 
 
 # ---------------------------------------------------------------------- frames
@@ -616,7 +619,7 @@ class _Static(tuple):
     """Hashable static description of a batched call (jit static argument)."""
 
     __slots__ = ()
-    _fields = ("pos", "treedef", "static_leaves", "meta", "mode", "out_spec")
+    _fields = ("pos", "treedef", "static_leaves", "meta", "mode", "out_spec")  # meta: (key, arities)
 
     def __new__(cls, pos, treedef, static_leaves, meta, mode, out_spec):
         return tuple.__new__(cls, (pos, treedef, static_leaves, meta, mode, out_spec))

@@ -331,3 +331,35 @@ def test_steps_grow_with_depth_not_nodes():
     assert big.plan.num_steps <= 4 * depth_big + 8
     assert big.num_nodes > 100 * small.num_nodes
     assert depth_big < 4 * depth_small + 20
+
+
+def test_padded_forests_share_one_trace_and_mask_padding():
+    @rj.recursive
+    def f(p, node):
+        if node.is_leaf:
+            return p * node.data["token"].astype(jnp.float32)
+        l, r = [f(p, c) for c in node.children]
+        return jnp.tanh(l + r + 0.1)
+
+    rng = np.random.default_rng(5)
+    batches = [[random_binary_tree(rng, int(rng.integers(1, 30))) for _ in range(int(rng.integers(3, 9)))] for _ in range(6)]
+    forests = [rj.Forest.from_trees(b) for b in batches]
+    assert len({(fo._meta, fo.roots.shape) for fo in forests}) > 1  # exact shapes differ
+    padded = rj.Forest.pad_all(forests)
+    assert len({(fo._meta, fo.roots.shape) for fo in padded}) == 1
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def root_sum(p, forest):
+        out = f.batch(p, forest)
+        return jnp.sum(jnp.where(forest.root_mask, out[forest.roots], 0.0)), out
+
+    p = jnp.float32(0.05)
+    results = [root_sum(p, pad) for pad in padded]
+    assert f._num_traces == 1  # the executor too: one program for every padded batch
+    for trees, exact, pad, (total, out) in zip(batches, forests, padded, results):
+        n = exact.num_nodes
+        np.testing.assert_allclose(out[:n], f.batch(p, exact), rtol=1e-6)
+        assert pad.node_mask.tolist() == [True] * n + [False] * (pad.num_nodes - n)
+        assert np.isfinite(np.asarray(out)).all()
+        np.testing.assert_allclose(total, sum(f(p, t) for t in trees), rtol=1e-5)
