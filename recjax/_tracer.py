@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -615,26 +615,15 @@ def _check_same_args(name, expected, got):
 # ---------------------------------------------------------------------- helpers
 
 
-class _Static(tuple):
-    """Hashable static description of a batched call (jit static argument)."""
+class _Static(NamedTuple):
+    """Hashable static description of a batched call (the executor's jit static argument)."""
 
-    __slots__ = ()
-    _fields = ("pos", "treedef", "static_leaves", "meta", "mode", "out_spec")  # meta: (key, arities)
-
-    def __new__(cls, pos, treedef, static_leaves, meta, mode, out_spec):
-        return tuple.__new__(cls, (pos, treedef, static_leaves, meta, mode, out_spec))
-
-    def _replace(self, **kw):
-        values = dict(zip(self._fields, self))
-        values.update(kw)
-        return _Static(**values)
-
-    pos = property(lambda s: s[0])
-    treedef = property(lambda s: s[1])
-    static_leaves = property(lambda s: s[2])
-    meta = property(lambda s: s[3])
-    mode = property(lambda s: s[4])
-    out_spec = property(lambda s: s[5])
+    pos: int | str  # where the node argument sits: a position or a keyword
+    treedef: Any  # structure of the non-node arguments
+    static_leaves: tuple  # non-array leaves (None where an array is traced)
+    meta: tuple  # (plan key, arities): the bucket, never the exact node count
+    mode: Any  # "map" or the tuple of arities traced separately
+    out_spec: Any  # (treedef, leaf ShapeDtypeStructs) of one node's output
 
 
 def _replace(args, kwargs, pos, value):
