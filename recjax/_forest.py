@@ -92,7 +92,12 @@ class Forest:
         """
         if isinstance(trees, Tree):
             raise TypeError("Forest.from_trees takes a list of trees; wrap one tree as [tree].")
-        trees = list(trees)
+        try:
+            trees = list(trees)
+        except TypeError:
+            raise TypeError(
+                f"Forest.from_trees takes a list of trees; got a {type(trees).__name__}."
+            ) from None
         if not trees:
             raise ValueError("empty forest: Forest.from_trees got no trees.")
         for i, t in enumerate(trees):
@@ -124,6 +129,10 @@ class Forest:
                     continue
                 stack[-1] = (t, k + 1)
                 c = t.children[k]
+                if not isinstance(c, Tree):
+                    raise TypeError(
+                        f"node {ids[id(t)]}: child {k} is a {type(c).__name__}, not an rj.Tree."
+                    )
                 if id(c) in on_path:
                     raise ValueError(
                         f"the trees contain a cycle: node {ids[id(c)]} is its own descendant."
@@ -162,7 +171,10 @@ class Forest:
           >>> f.roots.tolist(), f.children(2).tolist()
           ([2], [0, 1])
         """
-        parent = np.asarray(parent)
+        try:
+            parent = np.asarray(parent)
+        except ValueError as e:  # ragged nested lists
+            raise ValueError(f"parent must be a 1-D integer array ({e}).") from None
         if parent.ndim != 1:
             raise ValueError(f"parent must be a 1-D array; got shape {parent.shape}.")
         if parent.size == 0:
@@ -215,7 +227,12 @@ class Forest:
           >>> f.roots.tolist(), f.children(1).tolist()
           ([0], [2])
         """
-        children = list(children)
+        try:
+            children = list(children)
+        except TypeError:
+            raise TypeError(
+                f"children must be a list of lists of node ids; got a {type(children).__name__}."
+            ) from None
         n = len(children)
         if n == 0:
             raise ValueError("empty forest: the children list has no nodes.")
@@ -230,7 +247,12 @@ class Forest:
             )
         return cls._build(child_ptr, child_idx, data, roots)
 
-    def padded(self, key: _planner.PlanKey | None = None, num_roots: int | None = None) -> Forest:
+    def padded(
+        self,
+        key: _planner.PlanKey | None = None,
+        num_roots: int | None = None,
+        arities: tuple[int, ...] | None = None,
+    ) -> Forest:
         """This forest grown to bucket sizes, so that jitted code sees bucketed shapes only.
 
         ``num_nodes`` becomes the plan's node bucket and ``roots`` is padded to a ladder
@@ -246,6 +268,8 @@ class Forest:
         Args:
           key: optional ``PlanKey`` to grow the plan to (for example a union of keys).
           num_roots: optional length of ``roots`` (at least the real number of roots).
+          arities: optional arities to trace for (a superset of this forest's), so that
+            forests with different arity sets share one program.
 
         Example:
           >>> import recjax as rj
@@ -263,7 +287,9 @@ class Forest:
         child_ptr, child_idx = self.child_ptr[: n + 1], self.child_idx
         data = jax.tree.map(lambda a: a[:n], self.data)
         roots = np.asarray(self.roots)[:r]
-        return Forest._build(child_ptr, child_idx, data, roots, at_least=key, pad_roots=num_roots)
+        return Forest._build(
+            child_ptr, child_idx, data, roots, at_least=key, pad_roots=num_roots, arities=arities
+        )
 
     @classmethod
     def pad_all(cls, forests: Sequence[Forest]) -> list[Forest]:
@@ -289,17 +315,25 @@ class Forest:
         for f in forests[1:]:
             key = key.union(f._meta.key)
         num_roots = _planner.ladder(max(int(np.count_nonzero(np.asarray(f.root_mask))) for f in forests))
-        return [f.padded(key, num_roots) for f in forests]
+        arities: set[int] = set()
+        for f in forests:
+            arities.update(f._meta.example_node)
+        return [f.padded(key, num_roots, tuple(sorted(arities))) for f in forests]
 
     @classmethod
-    def _build(cls, child_ptr, child_idx, data, roots, at_least=None, pad_roots=None) -> Forest:
+    def _build(
+        cls, child_ptr, child_idx, data, roots, at_least=None, pad_roots=None, arities=None
+    ) -> Forest:
         """Plans and packs a validated forest; with ``pad_roots`` it is padded (see ``padded``)."""
         n = child_ptr.shape[0] - 1
         plan = _planner.plan(child_ptr, child_idx, at_least)
         degree = np.diff(child_ptr)
-        arities, first = np.unique(degree[degree > 0], return_index=True)
+        own, first = np.unique(degree[degree > 0], return_index=True)
+        arities = np.union1d(own, np.asarray(arities or (), dtype=np.int64))
         internal = np.flatnonzero(degree > 0)
-        example = {int(a): int(internal[i]) for a, i in zip(arities, first)}
+        # -1: the arity occurs only in another forest padded together with this one.
+        example = {int(a): -1 for a in arities}
+        example.update({int(a): int(internal[i]) for a, i in zip(own, first)})
         num_nodes = n if pad_roots is None else plan.key.num_node_rows
         node_mask = np.arange(num_nodes) < n
         root_mask = np.arange(max(roots.size, pad_roots or 0)) < roots.size
@@ -385,7 +419,7 @@ class Forest:
 
 
 def _canonical(a: np.ndarray, where: str) -> np.ndarray:
-    if not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
+    if not (jax.dtypes.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
         raise TypeError(f"{where} has dtype {a.dtype}; node data must be numeric arrays.")
     return a.astype(jax.dtypes.canonicalize_dtype(a.dtype), copy=False)
 
@@ -427,8 +461,13 @@ def _check_array_data(data: Any, n: int) -> Any:
     flat, treedef = jax.tree_util.tree_flatten_with_path(data, is_leaf=lambda x: isinstance(x, list))
     out = []
     for path, leaf in flat:
-        a = np.asarray(leaf)
         where = f"data{jax.tree_util.keystr(path)}"
+        try:
+            a = np.asarray(leaf)
+        except ValueError as e:  # ragged nested lists
+            raise ValueError(
+                f"{where} is not a rectangular array ({e}); every node's row must have one shape."
+            ) from None
         if a.ndim == 0 or a.shape[0] != n:
             raise ValueError(
                 f"{where} has shape {a.shape}; its leading axis must be the number of nodes ({n})."
@@ -441,14 +480,19 @@ def _csr_from_lists(children: Sequence[Sequence[int]], n: int):
     try:
         counts = np.fromiter((len(c) for c in children), dtype=np.int64, count=n)
         flat = np.array(list(itertools.chain.from_iterable(children)))
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # ValueError: ragged nested ids
+        bad = _first_non_integer(children) if isinstance(e, ValueError) else None
+        if bad is not None:
+            raise TypeError(f"child ids must be integers; node {bad[0]} has child {bad[1]!r}.") from None
         raise TypeError(f"children must be a list of lists of node ids ({e}).") from None
     child_ptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(counts, out=child_ptr[1:])
+    if flat.ndim != 1 or (flat.size and not np.issubdtype(flat.dtype, np.integer)):
+        bad = _first_non_integer(children)
+        what = f"node {bad[0]} has child {bad[1]!r}" if bad is not None else f"got dtype {flat.dtype}"
+        raise TypeError(f"child ids must be integers; {what}.")
     if flat.size == 0:
         return child_ptr, np.zeros(0, dtype=np.int64)
-    if not np.issubdtype(flat.dtype, np.integer):
-        raise TypeError(f"child ids must be integers; got dtype {flat.dtype}.")
     bad = np.flatnonzero((flat < 0) | (flat >= n))
     if bad.size:
         node = int(np.searchsorted(child_ptr, bad[0], side="right") - 1)
@@ -461,3 +505,12 @@ def _csr_from_lists(children: Sequence[Sequence[int]], n: int):
         node = int(flat[selfloop[0]])
         raise ValueError(f"node {node} is its own child (a cycle).")
     return child_ptr, flat.astype(np.int64)
+
+
+def _first_non_integer(children):
+    """Error path only: ``(node, value)`` of the first child id that is not an integer."""
+    for i, kids in enumerate(children):
+        for c in kids:
+            if isinstance(c, (bool, np.bool_)) or not isinstance(c, (int, np.integer)):
+                return i, c
+    return None

@@ -536,9 +536,15 @@ class Recursive:
                     except (TypeError, ValueError, IndexError) as e:
                         if isinstance(e, TypeError) and "branches on traced data" in str(e):
                             raise
+                        node = meta.example_node[k]
+                        where = (
+                            f"node {node} of the forest has {k}"
+                            if node >= 0
+                            else "a forest padded together with this one has such a node"
+                        )
                         raise ValueError(
-                            f"{self._name} cannot handle a node with {k} children (node "
-                            f"{meta.example_node[k]} of the forest has {k}); tracing it raised "
+                            f"{self._name} cannot handle a node with {k} children ({where}); "
+                            "tracing it raised "
                             f"{type(e).__name__}: {e}. Handle this arity, or use "
                             "node.children.map(...) for any number of children."
                         ) from e

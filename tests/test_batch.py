@@ -363,3 +363,22 @@ def test_padded_forests_share_one_trace_and_mask_padding():
         assert pad.node_mask.tolist() == [True] * n + [False] * (pad.num_nodes - n)
         assert np.isfinite(np.asarray(out)).all()
         np.testing.assert_allclose(total, sum(f(p, t) for t in trees), rtol=1e-5)
+
+
+def test_pad_all_unites_arities_for_per_arity_functions():
+    @rj.recursive
+    def weighted(w, node):  # iterates children: one template per arity
+        return node.data + sum(w * (i + 1) * weighted(w, c) for i, c in enumerate(node.children))
+
+    rng = np.random.default_rng(4)
+    a = [random_tree(rng, 12, 2, lambda i: float(rng.normal())) for _ in range(3)]
+    b = [random_tree(rng, 12, 3, lambda i: float(rng.normal())) for _ in range(3)]
+    fa, fb = rj.Forest.from_trees(a), rj.Forest.from_trees(b)
+    assert fa._meta.arities != fb._meta.arities
+    pa, pb = rj.Forest.pad_all([fa, fb])
+    assert pa._meta == pb._meta and pa._meta.arities == tuple(sorted(set(fa._meta.arities) | set(fb._meta.arities)))
+    w = jnp.float32(0.3)
+    run = jax.jit(weighted.batch)
+    for trees, exact, pad in ((a, fa, pa), (b, fb, pb)):
+        np.testing.assert_allclose(run(w, pad)[: exact.num_nodes], eager_all_nodes(weighted, (w,), trees), rtol=1e-5)
+    assert weighted._num_traces == 1
