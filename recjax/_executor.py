@@ -79,17 +79,36 @@ def execute(templates: dict, dynamic, arrays: dict, key: PlanKey, out_spec) -> A
             data_t, degree, start, edge_child, segment, t = x
             out = _compute_rows(templates, dynamic, buffer, data_t, degree, start, edge_child, segment)
             first = base + t * width
-            buffer = jax.tree.map(
-                lambda b, o: lax.dynamic_update_slice_in_dim(b, o.astype(b.dtype), first, 0),
-                buffer,
-                out,
-            )
+            buffer = jax.tree.map(lambda b, o: _write_rows(b, o.astype(b.dtype), first), buffer, out)
             return buffer, None
 
         buffer, _ = lax.scan(step, buffer, xs)
         base += phase.steps * phase.width
 
     return take(buffer, arrays["row_of_node"])
+
+
+@jax.custom_jvp
+def _write_rows(buffer, rows, first):
+    """``buffer[first:first + len(rows)] = rows``: a contiguous, in-place write.
+
+    The plan writes every row exactly once, into rows that still hold the buffer's
+    initial zeros, so the write equals an add, and so does its tangent. The custom JVP
+    states the tangent as that add: its transpose (reverse mode) passes the cotangent
+    buffer through and gathers the rows' cotangents. The transpose of the plain write
+    would also zero those rows, and XLA:CPU then copies the whole cotangent buffer at
+    every backward step, because it cannot order the rows' read before their zeroing.
+    """
+    return lax.dynamic_update_slice_in_dim(buffer, rows, first, 0)
+
+
+@_write_rows.defjvp
+def _write_rows_jvp(primals, tangents):
+    buffer, rows, first = primals
+    t_buffer, t_rows, _ = tangents
+    index = first + jnp.arange(rows.shape[0], dtype=jnp.int32)
+    t_out = t_buffer.at[index].add(t_rows, indices_are_sorted=True, unique_indices=True)
+    return _write_rows(buffer, rows, first), t_out
 
 
 def _compute_rows(templates, dynamic, buffer, data, degree, start, edge_child, segment):
