@@ -105,47 +105,28 @@ class Forest:
                 raise TypeError(
                     f"Forest.from_trees: element {i} is a {type(t).__name__}, not an rj.Tree."
                 )
+        # Iterative pre-order; a node reached again (a DAG) keeps its first number. A
+        # cycle (possible only by reassigning Tree.children) is reported by the planner.
         ids: dict[int, int] = {}
         nodes: list[Tree] = []
-        children_ids: list[list[int]] = []
         roots = []
-        on_path: set[int] = set()
         for root in trees:
-            if id(root) in ids:
-                roots.append(ids[id(root)])
-                continue
-            # Explicit stack of (tree, next child position); pre-order numbering.
-            ids[id(root)] = len(nodes)
-            nodes.append(root)
-            children_ids.append([])
-            roots.append(ids[id(root)])
-            stack = [(root, 0)]
-            on_path.add(id(root))
+            stack = [root]
             while stack:
-                t, k = stack[-1]
-                if k == len(t.children):
-                    stack.pop()
-                    on_path.discard(id(t))
+                t = stack.pop()
+                if id(t) in ids:
                     continue
-                stack[-1] = (t, k + 1)
-                c = t.children[k]
-                if not isinstance(c, Tree):
-                    raise TypeError(
-                        f"node {ids[id(t)]}: child {k} is a {type(c).__name__}, not an rj.Tree."
-                    )
-                if id(c) in on_path:
-                    raise ValueError(
-                        f"the trees contain a cycle: node {ids[id(c)]} is its own descendant."
-                    )
-                if id(c) not in ids:
-                    ids[id(c)] = len(nodes)
-                    nodes.append(c)
-                    children_ids.append([])
-                    stack.append((c, 0))
-                    on_path.add(id(c))
-                children_ids[ids[id(t)]].append(ids[id(c)])
+                ids[id(t)] = len(nodes)
+                nodes.append(t)
+                stack.extend(reversed(t.children))
+            roots.append(ids[id(root)])
+        counts = np.fromiter((len(t.children) for t in nodes), dtype=np.int64, count=len(nodes))
+        child_ptr = np.zeros(len(nodes) + 1, dtype=np.int64)
+        np.cumsum(counts, out=child_ptr[1:])
+        child_idx = np.fromiter(
+            (ids[id(c)] for t in nodes for c in t.children), dtype=np.int64, count=int(child_ptr[-1])
+        )
         data = _stack_tree_data([t.data for t in nodes])
-        child_ptr, child_idx = _csr_from_lists(children_ids, len(nodes))
         return cls._build(child_ptr, child_idx, data, np.asarray(roots, dtype=np.int64))
 
     @classmethod
@@ -428,11 +409,19 @@ def _stack_tree_data(datas: list) -> Any:
     """Stacks per-node data pytrees into one pytree of ``[N, ...]`` arrays, checking the schema."""
     flat0, treedef = jax.tree_util.tree_flatten_with_path(datas[0])
     paths = [jax.tree_util.keystr(p) for p, _ in flat0]
+    flatten = jax.tree_util.tree_flatten
+    rows = [flatten(d) for d in datas]
+    if all(td == treedef for _, td in rows):
+        columns = list(zip(*(leaves for leaves, _ in rows))) if paths else []
+        stacked = [_stack_column(c) for c in columns]
+        if all(a is not None for a in stacked):
+            return jax.tree_util.tree_unflatten(
+                treedef, [_canonical(a, f"data{p}") for a, p in zip(stacked, paths)]
+            )
+    # Slow path, only to say exactly which nodes differ.
     ref = [np.asarray(x) for _, x in flat0]
-    columns: list[list] = [[] for _ in ref]
     problems = []
-    for i, d in enumerate(datas):
-        leaves, td = jax.tree_util.tree_flatten(d)
+    for i, (leaves, td) in enumerate(rows):
         if td != treedef:
             problems.append(f"node {i}: data structure {td} differs from node 0's {treedef}")
         else:
@@ -443,17 +432,31 @@ def _stack_tree_data(datas: list) -> Any:
                         f"node {i}: data{paths[j]} has shape {a.shape} and dtype {a.dtype}; "
                         f"node 0 has shape {ref[j].shape} and dtype {ref[j].dtype}"
                     )
-                columns[j].append(a)
         if len(problems) >= 10:
             break
-    if problems:
-        raise ValueError(
-            "node data must have the same structure, shapes and dtypes on every node:\n  "
-            + "\n  ".join(problems)
-            + "\nConvert the data to one schema (for example floats everywhere: 1.0, not 1)."
-        )
-    stacked = [_canonical(np.stack(c), f"data{p}") for c, p in zip(columns, paths)]
-    return jax.tree_util.tree_unflatten(treedef, stacked)
+    raise ValueError(
+        "node data must have the same structure, shapes and dtypes on every node:\n  "
+        + "\n  ".join(problems)
+        + "\nConvert the data to one schema (for example floats everywhere: 1.0, not 1)."
+    )
+
+
+def _stack_column(column: tuple) -> np.ndarray | None:
+    """``np.stack`` of one data field over all nodes, or None if the nodes disagree."""
+    kinds = set(map(type, column))
+    if len(kinds) != 1:
+        return None
+    (kind,) = kinds
+    if kind in (bool, int, float, complex):
+        return np.array(column)
+    if issubclass(kind, (np.ndarray, np.generic)):
+        if len({(a.shape, a.dtype) for a in column}) != 1:
+            return None
+        return np.stack(column)
+    arrays = [np.asarray(a) for a in column]  # other array types (jax arrays, ...)
+    if len({(a.shape, a.dtype) for a in arrays}) != 1:
+        return None
+    return np.stack(arrays)
 
 
 def _check_array_data(data: Any, n: int) -> Any:

@@ -183,3 +183,11 @@ def test_unhashable_static_argument():
 
     with pytest.raises(TypeError, match="non-array arguments must be hashable"):
         f.batch({1, 2}, rj.Forest.from_trees([rj.Tree(1.0)]))
+
+
+def test_tree_objects_made_cyclic_by_mutation_are_rejected():
+    a = rj.Tree(1.0)
+    b = rj.Tree(2.0, [a])
+    a.children = (b,)  # only possible by reassigning the attribute
+    with pytest.raises(ValueError, match=r"cycle through nodes 0 -> 1 -> 0"):
+        rj.Forest.from_trees([b])
