@@ -152,8 +152,7 @@ class _ListRagged(Ragged):
                 )
             return initial
         stacked = jax.tree.map(lambda *v: jnp.stack(v), *self._values)
-        reduce = {"sum": jnp.sum, "mean": jnp.mean, "max": jnp.max, "min": jnp.min}[op]
-        return _combine(op, jax.tree.map(lambda a: reduce(a, axis=0), stacked), initial)
+        return _combine(op, jax.tree.map(lambda a: _dense_reduce(op, a), stacked), initial)
 
 
 class _SegmentRagged(Ragged):
@@ -434,7 +433,7 @@ class Recursive:
             args,
             kwargs,
             (Forest, Tree),
-            f"pass exactly one rj.Forest (build one with rj.Forest.from_trees([...])).",
+            "pass exactly one rj.Forest (build one with rj.Forest.from_trees([...])).",
         )
         if isinstance(forest, Tree):
             raise TypeError(
