@@ -1,17 +1,33 @@
-"""Training utilities: a batch iterator that plans in the background.
+"""Training utilities: a background-planning batch iterator and a training loop.
 
 The planner is numpy only, so a loader thread can plan the next batches while the
 device computes the current one. ``batches`` does that, and groups trees of similar
 size so that batches fall in few plan buckets (few compiled programs).
+
+``fit`` is a complete training loop on top of it: one jitted step per batch shape, a
+progress bar, evaluation and resumable atomic checkpoints after every epoch. The loss
+and metric helpers (``masked_mean``, ``root_accuracy``, ``node_accuracy``,
+``binary_root_accuracy``) mask the padding that ``batches`` adds.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import json
+import os
 import queue
+import sys
+import tempfile
 import threading
-from typing import Iterator, NamedTuple, Sequence
+import time
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+from tqdm import tqdm
 
 from ._forest import Forest
 from ._tree import Tree
@@ -106,6 +122,515 @@ def batches(
         return [Batch(f, g) for f, g in zip(forests, w)]
 
     yield from _background(plan_window, windows, prefetch)
+
+
+# ---------------------------------------------------------------------- losses and metrics
+
+
+def masked_mean(values: Any, mask: Any) -> jax.Array:
+    """Mean of ``values`` over the rows where ``mask`` is True; 0 when no row is.
+
+    Equivalent to ``np.mean(values[mask])`` (every element of the kept rows counts),
+    written with ``jnp.where`` so that it is jittable and the padding rows' values and
+    gradients never reach the result. Use it for losses over a padded Forest: per root
+    with ``forest.root_mask``, per node with ``forest.node_mask``.
+
+    Args:
+      values: ``[N, ...]`` array, one row per root or per node.
+      mask: ``[N]`` bool array.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> float(masked_mean(jnp.array([1.0, 3.0, 100.0]), jnp.array([True, True, False])))
+      2.0
+    """
+    values, mask = jnp.asarray(values), jnp.asarray(mask)
+    if mask.ndim != 1 or values.shape[:1] != mask.shape:
+        raise ValueError(
+            f"masked_mean: mask must be 1-D with one entry per row of values; got values of "
+            f"shape {values.shape} and mask of shape {mask.shape}."
+        )
+    mask = mask.astype(bool)
+    per_row = int(np.prod(values.shape[1:], dtype=np.int64))
+    total = jnp.sum(jnp.where(mask.reshape(mask.shape + (1,) * (values.ndim - 1)), values, 0))
+    count = jnp.sum(mask) * per_row
+    return total / jnp.maximum(count, 1).astype(total.dtype)
+
+
+def _check_rows(logits, labels, mask, name):
+    logits, labels = jnp.asarray(logits), jnp.asarray(labels)
+    if logits.ndim != 2 or labels.shape != logits.shape[:1] or labels.shape != np.shape(mask):
+        raise ValueError(
+            f"{name}: expected logits [M, classes] and labels [M] with M = {np.shape(mask)[0]} "
+            f"(one row per entry of the mask); got logits {logits.shape} and labels {labels.shape}."
+        )
+    return logits, labels
+
+
+def _count(hit, keep):
+    """``(sum(hit & keep), sum(keep))`` as int32 scalars."""
+    return jnp.sum(hit & keep, dtype=jnp.int32), jnp.sum(keep, dtype=jnp.int32)
+
+
+def _accuracy(logits, labels, mask, name):
+    logits, labels = _check_rows(logits, labels, mask, name)
+    return _count(jnp.argmax(logits, axis=-1) == labels, mask)
+
+
+def root_accuracy(logits: Any, labels: Any, forest: Forest) -> tuple[jax.Array, jax.Array]:
+    """``(correct, count)`` of argmax predictions over the real roots of a padded Forest.
+
+    Equivalent to ``correct = sum(argmax(logits[i]) == labels[i] for real roots i)`` and
+    ``count`` = the number of real roots (``forest.root_mask``). Return the pair from an
+    ``eval_fn``: ``fit`` sums both over the evaluation batches and reports the ratio.
+
+    Args:
+      logits: ``[len(forest.roots), classes]``, e.g. ``node_logits[forest.roots]``.
+      labels: ``[len(forest.roots)]`` integer classes, e.g. the ``labels`` row of ``fit``.
+      forest: the (padded) batch.
+
+    Example:
+      >>> import jax.numpy as jnp, recjax as rj
+      >>> f = rj.Forest.from_parents([-1] * 5, {"x": [0.0] * 5}).padded()  # 6 roots, 1 padding
+      >>> logits = jnp.eye(2)[jnp.array([1, 0, 1, 1, 0, 1])]  # predicts 1, 0, 1, 1, 0, (1)
+      >>> [int(x) for x in root_accuracy(logits, jnp.array([1, 1, 1, 0, 0, 1]), f)]
+      [3, 5]
+    """
+    return _accuracy(logits, labels, forest.root_mask, "root_accuracy")
+
+
+def node_accuracy(logits: Any, labels: Any, forest: Forest) -> tuple[jax.Array, jax.Array]:
+    """``(correct, count)`` of argmax predictions over the real nodes of a padded Forest.
+
+    Like ``root_accuracy`` with one row per node, masked by ``forest.node_mask`` (for
+    example SST's every-phrase accuracy, labels in ``forest.data["label"]``).
+
+    Example:
+      >>> import jax.numpy as jnp, recjax as rj
+      >>> f = rj.Forest.from_parents([-1, 0, 0, 1, 1], {"label": [1, 0, 1, 1, 0]}).padded()
+      >>> logits = jnp.zeros((f.num_nodes, 2)).at[:, 1].set(1.0)  # predicts class 1 everywhere
+      >>> [int(x) for x in node_accuracy(logits, f.data["label"], f)]
+      [3, 5]
+    """
+    return _accuracy(logits, labels, forest.node_mask, "node_accuracy")
+
+
+def binary_root_accuracy(logits: Any, labels: Any, forest: Forest) -> tuple[jax.Array, jax.Array]:
+    """``(correct, count)`` of negative/positive predictions at the real, non-neutral roots.
+
+    For SST-style 5-class sentiment (0, 1 negative; 2 neutral; 3, 4 positive) scored as
+    the binary task: roots labelled 2 are left out, the true class is ``label >= 3``, and
+    the prediction is positive when the softmax puts more mass on classes 3-4 than on
+    0-1 (so a 5-class model is scored without retraining). Equivalent to::
+
+      keep = root_mask & (labels != 2)
+      p = softmax(logits)
+      correct = sum((p[:, 3:].sum(1) > p[:, :2].sum(1)) == (labels >= 3) over keep)
+      count = sum(keep)
+
+    Args:
+      logits: ``[len(forest.roots), 5]``.
+      labels: ``[len(forest.roots)]`` integers 0-4.
+      forest: the (padded) batch.
+
+    Example:
+      >>> import jax.numpy as jnp, recjax as rj
+      >>> f = rj.Forest.from_parents([-1, -1, -1], {"x": [0.0] * 3}).padded()
+      >>> logits = jnp.array([[3.0, 0, 0, 0, 0], [0, 0, 9, 0, 1], [0, 0, 0, 0, 3]])
+      >>> [int(x) for x in binary_root_accuracy(logits, jnp.array([1, 2, 1]), f)]
+      [1, 2]
+    """
+    logits, labels = _check_rows(logits, labels, forest.root_mask, "binary_root_accuracy")
+    if logits.shape[1] != 5:
+        raise ValueError(
+            f"binary_root_accuracy expects [roots, 5] logits (SST's 5 classes); got {logits.shape}."
+        )
+    positive = jax.nn.logsumexp(logits[:, 3:], axis=-1) > jax.nn.logsumexp(logits[:, :2], axis=-1)
+    return _count(positive == (labels >= 3), forest.root_mask & (labels != 2))
+
+
+# ---------------------------------------------------------------------- the training loop
+
+
+class FitResult(NamedTuple):
+    """What ``fit`` returns: the trained state and one dict per epoch.
+
+    Each ``history`` entry: ``epoch`` (1-based), ``loss`` (mean of the epoch's batch
+    losses), ``metrics`` (``{name: sum / count}`` from ``eval_fn``; ``{}`` without one),
+    ``nodes_per_s`` (real nodes trained on per second of the epoch's training, compilation
+    included) and ``seconds`` (training plus evaluation). Entries are plain floats, so the
+    history is JSON.
+
+    Example:
+      >>> FitResult(params={"w": 1.0}, opt_state=(), history=[])._fields
+      ('params', 'opt_state', 'history')
+    """
+
+    params: Any
+    opt_state: Any
+    history: list
+
+
+#: The file name of ``fit``'s checkpoint inside ``checkpoint_dir``.
+CHECKPOINT_FILE = "checkpoint.npz"
+
+
+def fit(
+    loss_fn: Callable[[Any, Forest, Any], jax.Array],
+    params: Any,
+    trees: Sequence[Tree],
+    *,
+    optimizer: optax.GradientTransformation,
+    epochs: int,
+    batch_size: int,
+    labels: Any = None,
+    seed: int = 0,
+    eval_fn: Callable[[Any, Forest, Any], dict] | None = None,
+    eval_trees: Sequence[Tree] | None = None,
+    eval_labels: Any = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = True,
+    progress: bool = True,
+) -> FitResult:
+    """Trains ``params`` on ``trees`` for ``epochs`` epochs; evaluates and checkpoints each.
+
+    Equivalent program (plus timing, a progress bar and checkpoints)::
+
+      opt_state = optimizer.init(params)
+      for epoch in range(epochs):          # from the checkpoint's next epoch when resuming
+          for batch in batches(trees, batch_size, seed=seed, epoch=epoch):
+              rows = labels[batch.indices], padded to len(batch.forest.roots)
+              loss, grads = jax.value_and_grad(loss_fn)(params, batch.forest, rows)
+              updates, opt_state = optimizer.update(grads, opt_state, params)
+              params = optax.apply_updates(params, updates)
+          for batch in batches(eval_trees, batch_size):   # planned once, reused
+              pairs = eval_fn(params, batch.forest, eval_labels rows)
+          metrics = {name: sum of sums / sum of counts over the batches}
+
+    The step is one ``jax.jit``-ed function, compiled once per batch shape; ``loss_fn``
+    and ``optimizer`` are its static (hashed) arguments, so calls of ``fit`` with the
+    same ones share the compiled programs. Batches are padded
+    (see ``Forest.padded``): ``loss_fn`` must mask the padding, per root with
+    ``forest.root_mask`` and per node with ``forest.node_mask`` (``masked_mean`` does
+    both). Per-root targets come in ``labels``, aligned with ``trees``; per-node targets
+    belong in the trees' node data (``forest.data["label"]``). Rows of padding roots
+    copy the batch's first real row.
+
+    Args:
+      loss_fn: ``loss_fn(params, forest, labels) -> scalar``; ``labels`` is the batch's
+        rows of ``labels`` (``None`` without labels).
+      params: initial parameters (a pytree of arrays). When resuming they only give the
+        structure, which must match the checkpoint's.
+      trees: the training set.
+      optimizer: an optax transformation.
+      epochs: total number of epochs, counting those already in the checkpoint.
+      batch_size: trees per batch.
+      labels: optional pytree of arrays with leading axis ``len(trees)`` (row ``i``
+        belongs to ``trees[i]``).
+      seed: the shuffle seed; epoch ``e`` uses ``batches(..., seed=seed, epoch=e)``.
+      eval_fn: ``eval_fn(params, forest, labels) -> {name: (sum, count)}`` on a padded
+        evaluation batch, jitted; ``root_accuracy`` and friends return such pairs. For a
+        mean of per-root values ``x``, return ``(jnp.sum(jnp.where(forest.root_mask, x,
+        0)), jnp.sum(forest.root_mask))``.
+      eval_trees, eval_labels: the evaluation set, like ``trees`` and ``labels``.
+      checkpoint_dir: where to write ``CHECKPOINT_FILE`` after every epoch (atomically:
+        a temporary file in the same directory, fsync-ed, then ``os.replace``). It holds
+        params, optimizer state, the epoch, the seed and the history as numpy arrays and
+        JSON, never pickles.
+      resume: continue from ``checkpoint_dir``'s checkpoint when there is one; the result
+        equals an uninterrupted run. ``False`` starts over (and overwrites it).
+      progress: show a ``tqdm`` bar per epoch with the loss and real nodes per second
+        (only when stderr is a terminal).
+
+    Returns:
+      ``FitResult(params, opt_state, history)``, the history covering every epoch.
+
+    Raises:
+      ValueError: bad sizes, ``labels`` not aligned with ``trees``, ``eval_fn`` without
+        ``eval_trees`` (or the reverse), or a checkpoint that cannot be read or does not
+        match ``params``, ``optimizer``, ``seed``, ``batch_size`` or the number of trees.
+      TypeError: ``eval_fn`` does not return a dict of ``(sum, count)`` pairs.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, recjax as rj
+      >>> from recjax.train import fit, masked_mean
+      >>> @rj.recursive
+      ... def total(w, node):
+      ...     return w * node.data + node.children.map(lambda c: total(w, c)).sum()
+      >>> trees = [rj.Tree(1.0, [rj.Tree(2.0)] * k) for k in range(5)]
+      >>> def loss_fn(w, forest, targets):
+      ...     err = total.batch(w, forest)[forest.roots] - targets
+      ...     return masked_mean(err**2, forest.root_mask)
+      >>> targets = jnp.array([1.0 + 2.0 * k for k in range(5)]) * 3.0   # the answer: w = 3
+      >>> w, _, history = fit(loss_fn, jnp.array(0.0), trees, labels=targets,
+      ...                     optimizer=optax.sgd(0.005), epochs=10, batch_size=2, progress=False)
+      >>> round(float(w), 3), len(history), history[-1]["loss"] < history[0]["loss"]
+      (3.0, 10, True)
+    """
+    trees = list(trees)
+    if epochs < 0 or batch_size < 1:
+        raise ValueError(
+            f"fit needs epochs >= 0 and batch_size >= 1; got {epochs} and {batch_size}."
+        )
+    if not trees:
+        raise ValueError("fit: no training trees.")
+    labels = _rows_array(labels, len(trees), "labels")
+    if (eval_fn is None) != (eval_trees is None):
+        raise ValueError("fit: pass eval_fn and eval_trees together (or neither).")
+    if eval_trees is not None:
+        eval_trees = list(eval_trees)
+        if not eval_trees:
+            raise ValueError("fit: eval_trees is empty.")
+        eval_labels = _rows_array(eval_labels, len(eval_trees), "eval_labels")
+    elif eval_labels is not None:
+        raise ValueError("fit: eval_labels without eval_trees.")
+
+    opt_state = optimizer.init(params)
+    history: list[dict] = []
+    config = {"seed": int(seed), "batch_size": int(batch_size), "num_trees": len(trees)}
+    path = None
+    if checkpoint_dir is not None:
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        path = os.path.join(os.fspath(checkpoint_dir), CHECKPOINT_FILE)
+        if resume and os.path.exists(path):
+            params, opt_state, history = _load_checkpoint(path, params, opt_state, config)
+
+    sizes = tree_sizes(trees)
+    num_batches = -(-len(trees) // batch_size)
+    eval_batches = None
+    for epoch in range(len(history), epochs):
+        start = time.perf_counter()
+        bar = tqdm(
+            total=num_batches,
+            desc=f"epoch {epoch + 1}/{epochs}",
+            unit="batch",
+            disable=None if progress else True,  # None: off when stderr is not a TTY
+            file=sys.stderr,
+        )
+        with bar, contextlib.closing(
+            batches(trees, batch_size, seed=seed, epoch=epoch, sizes=sizes)
+        ) as epoch_batches:
+            losses, nodes, shown = [], [], _Shown()
+            for b in epoch_batches:
+                rows = _root_rows(labels, b)
+                params, opt_state, loss = _train_step(
+                    loss_fn, optimizer, params, opt_state, b.forest, rows
+                )
+                losses.append(loss)
+                nodes.append(int(np.count_nonzero(b.forest.node_mask)))
+                bar.update()
+                if not bar.disable and time.perf_counter() - shown.at > 0.5:
+                    shown.refresh(bar, losses, nodes, start)
+            losses = np.asarray(jax.device_get(losses), dtype=np.float64)
+            train_s = time.perf_counter() - start
+            entry = {
+                "epoch": epoch + 1,
+                "loss": float(np.mean(losses)),
+                "metrics": {},
+                "nodes_per_s": float(sum(nodes) / max(train_s, 1e-9)),
+                "seconds": 0.0,
+            }
+            if eval_fn is not None:
+                if eval_batches is None:
+                    eval_batches = list(batches(eval_trees, batch_size))
+                entry["metrics"] = _evaluate(eval_fn, params, eval_batches, eval_labels)
+            entry["seconds"] = time.perf_counter() - start
+            bar.set_postfix_str(
+                f"loss {entry['loss']:.4f}, {entry['nodes_per_s']:,.0f} nodes/s"
+                + "".join(f", {k} {v:.4f}" for k, v in entry["metrics"].items()),
+                refresh=True,
+            )
+        history.append(entry)
+        if path is not None:
+            meta = dict(config, epoch=epoch + 1, history=history)
+            _save_checkpoint(path, params, opt_state, meta)
+    return FitResult(params, opt_state, history)
+
+
+class _Shown:
+    """Progress-bar state: how many losses were read back, their sum, when."""
+
+    def __init__(self):
+        self.at, self.read, self.total = time.perf_counter(), 0, 0.0
+
+    def refresh(self, bar, losses, nodes, start):
+        new = jax.device_get(losses[self.read :])  # waits for the latest step
+        self.total += float(np.sum(new, dtype=np.float64))
+        self.read = len(losses)
+        self.at = time.perf_counter()
+        rate = sum(nodes) / max(self.at - start, 1e-9)
+        bar.set_postfix_str(
+            f"loss {self.total / self.read:.4f}, {rate:,.0f} nodes/s", refresh=False
+        )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _train_step(loss_fn, optimizer, params, opt_state, forest, labels):
+    loss, grads = jax.value_and_grad(loss_fn)(params, forest, labels)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _eval_step(eval_fn, params, forest, labels):
+    return eval_fn(params, forest, labels)
+
+
+def _evaluate(eval_fn, params, eval_batches, eval_labels) -> dict:
+    outs = [_eval_step(eval_fn, params, b.forest, _root_rows(eval_labels, b)) for b in eval_batches]
+    first = outs[0]
+    bad = (
+        [f"it returned a {type(first).__name__}"]
+        if not isinstance(first, dict)
+        else [
+            f"{name!r} is a {type(v).__name__}"
+            for name, v in first.items()
+            if not (isinstance(v, (tuple, list)) and len(v) == 2)
+        ]
+    )
+    if bad:
+        raise TypeError(
+            "eval_fn must return a dict of (sum, count) pairs, such as "
+            "{'accuracy': root_accuracy(logits, labels, forest)}; "
+            + "; ".join(bad)
+            + ". For a mean of per-root values x, return "
+            "(jnp.sum(jnp.where(forest.root_mask, x, 0)), jnp.sum(forest.root_mask))."
+        )
+    sums = {name: [0.0, 0.0] for name in first}
+    for out in jax.device_get(outs):
+        for name, (total, count) in out.items():
+            sums[name][0] += float(np.sum(total, dtype=np.float64))
+            sums[name][1] += float(np.sum(count, dtype=np.float64))
+    return {name: (t / c if c else float("nan")) for name, (t, c) in sums.items()}
+
+
+def _rows_array(values, n, name):
+    """``values`` as a pytree of numpy arrays whose leading axis is ``n`` (checked)."""
+    if values is None:
+        return None
+    flat, treedef = jax.tree_util.tree_flatten_with_path(values)
+    out, problems = [], []
+    for p, leaf in flat:
+        a = np.asarray(leaf)
+        a = a.astype(jax.dtypes.canonicalize_dtype(a.dtype), copy=False)  # as jit would see it
+        if a.ndim == 0 or a.shape[0] != n:
+            problems.append(f"{name}{jax.tree_util.keystr(p)} has shape {a.shape}")
+        out.append(a)
+    if problems or not flat:
+        raise ValueError(
+            f"fit: {name} must be arrays with one row per tree ({n} rows); "
+            + ("; ".join(problems) or "got no arrays")
+            + ". Row i belongs to tree i; per-node targets go in the trees' node data."
+        )
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _root_rows(values, batch: Batch):
+    """Rows ``batch.indices`` of ``values``, padded to one per root with copies of the first."""
+    if values is None:
+        return None
+    pad = np.shape(batch.forest.roots)[0] - batch.indices.size
+    idx = np.concatenate([batch.indices, np.full(pad, batch.indices[0], batch.indices.dtype)])
+    return jax.tree.map(lambda a: a[idx], values)
+
+
+# ---------------------------------------------------------------------- checkpoints
+
+
+def _save_checkpoint(path, params, opt_state, meta) -> None:
+    """Writes params, opt_state and ``meta`` (JSON) to ``path`` as one npz, atomically."""
+    p_leaves, p_def = jax.tree.flatten(params)
+    o_leaves, o_def = jax.tree.flatten(opt_state)
+    p_leaves, o_leaves = jax.device_get((p_leaves, o_leaves))
+    arrays = {f"params_{i}": np.asarray(a) for i, a in enumerate(p_leaves)}
+    arrays.update({f"opt_state_{i}": np.asarray(a) for i, a in enumerate(o_leaves)})
+    meta = dict(meta, format=1, params_treedef=str(p_def), opt_state_treedef=str(o_def))
+    # npy stores extension dtypes such as bfloat16 as raw bytes ("V2"): keep their names.
+    meta["dtypes"] = {k: str(a.dtype) for k, a in arrays.items()}
+    arrays["meta"] = np.array(json.dumps(meta))
+    _atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def _atomic_write(path, write_fn) -> None:
+    """``write_fn(file)`` into a temporary file beside ``path``, fsync, then ``os.replace``.
+
+    A crash at any point leaves either the old file or the new one at ``path``, never a
+    partial one; a failed write removes its temporary file.
+    """
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def _load_checkpoint(path, params, opt_state, config):
+    """The state saved at ``path``, checked against ``params``/``opt_state``'s structure."""
+    fix = "delete it, pass resume=False, or use another checkpoint_dir to start over"
+    p_flat, p_def = jax.tree_util.tree_flatten_with_path(params)
+    o_flat, o_def = jax.tree_util.tree_flatten_with_path(opt_state)
+    try:
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            saved = {}
+            for name, flat, treedef in (("params", p_flat, p_def), ("opt_state", o_flat, o_def)):
+                if meta[f"{name}_treedef"] == str(treedef):
+                    keys = [f"{name}_{i}" for i in range(len(flat))]
+                    saved[name] = [_with_dtype(z[k], meta["dtypes"][k]) for k in keys]
+    except Exception as e:  # a zip, npy or JSON error: the file is damaged
+        raise ValueError(
+            f"the checkpoint {path} cannot be read ({type(e).__name__}: {e}); {fix}."
+        ) from None
+    problems = [
+        f"{key} is {meta.get(key)} in the checkpoint and {value} now"
+        for key, value in config.items()
+        if meta.get(key) != value
+    ]
+    for name, flat, treedef in (("params", p_flat, p_def), ("opt_state", o_flat, o_def)):
+        if name not in saved:
+            problems.append(
+                f"the {name} structure differs: checkpoint {meta[name + '_treedef']}, now {treedef}"
+            )
+            continue
+        for (kp, ref), a in zip(flat, saved[name]):
+            ref_shape, ref_dtype = np.shape(ref), jnp.result_type(ref)
+            if a.shape != ref_shape or a.dtype != ref_dtype:
+                problems.append(
+                    f"{name}{jax.tree_util.keystr(kp)} is {a.dtype}{list(a.shape)} in the "
+                    f"checkpoint and {ref_dtype}{list(ref_shape)} now"
+                )
+    if problems:
+        raise ValueError(
+            f"the checkpoint {path} does not match this call of fit:\n  "
+            + "\n  ".join(problems)
+            + "\nPass the params, optimizer, seed, batch_size and trees it was written "
+            + f"with, or {fix}."
+        )
+    params, opt_state = (
+        jax.tree.unflatten(treedef, [jnp.asarray(a) for a in saved[name]])
+        for name, treedef in (("params", p_def), ("opt_state", o_def))
+    )
+    return params, opt_state, meta["history"]
+
+
+def _with_dtype(a: np.ndarray, name: str) -> np.ndarray:
+    """A loaded array with its saved dtype (npy reads bfloat16 and friends as raw bytes)."""
+    if a.dtype.kind == "V" and str(a.dtype) != name:
+        return a.view(jnp.dtype(name))
+    return a
 
 
 _DONE = object()

@@ -1,13 +1,29 @@
-"""The background batch iterator: correct, complete, race-free, few shapes."""
+"""The background batch iterator (correct, complete, race-free, few shapes) and ``fit``."""
+
+import contextlib
+import io
+import json
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import recjax as rj
-from models import random_binary_tree
-from recjax.train import batches, tree_sizes
+from models import random_binary_tree, tree_lstm
+from recjax import demo, train
+from recjax.train import (
+    batches,
+    binary_root_accuracy,
+    fit,
+    masked_mean,
+    node_accuracy,
+    root_accuracy,
+    tree_sizes,
+)
 
 
 @rj.recursive
@@ -62,3 +78,241 @@ def test_loader_errors_reach_the_consumer_and_early_exit_stops_the_thread():
     import threading
 
     assert not any(t.name == "recjax-planner" and t.is_alive() for t in threading.enumerate())
+
+
+# ---------------------------------------------------------------------- fit
+# Compiling a Tree-LSTM train step takes seconds on a shared CPU, and ``fit`` shares its
+# compiled step between calls with the same loss_fn, optimizer and batch shapes: the
+# tests reuse them (one optimizer object, one training set) to compile few programs.
+
+HIDDEN = 4
+TRAIN = demo.load_dataset(demo.TRAIN_FILE, limit=32)
+ADAM = optax.adam(0.05)
+
+
+def _params(seed=0):
+    """Tree-LSTM parameters (numpy: no device work to initialise them)."""
+    rng = np.random.default_rng(seed)
+    n = lambda *shape, s=0.4: (s * rng.normal(size=shape)).astype(np.float32)  # noqa: E731
+    dim, vocab = 4, len(demo.VOCAB)
+    return {"emb": n(vocab, dim, s=1.0), "W": n(dim, 3 * HIDDEN), "b": n(3 * HIDDEN, s=0.1),
+            "U": n(2 * HIDDEN, 5 * HIDDEN), "bu": n(5 * HIDDEN, s=0.1),
+            "out": n(HIDDEN, demo.NUM_CLASSES, s=0.5)}
+
+
+def _cross_entropy(p, h, labels):
+    return optax.softmax_cross_entropy_with_integer_labels(h @ p["out"], labels)
+
+
+def root_loss(p, forest, labels):
+    """Per-root cross entropy (the calculator task), padding roots masked."""
+    h, _ = tree_lstm.batch(p, forest)
+    return masked_mean(_cross_entropy(p, h[forest.roots], labels), forest.root_mask)
+
+
+def root_and_node_loss(p, forest, labels):
+    """Per-root cross entropy plus per-node cross entropy (labels in the node data, SST style)."""
+    h, _ = tree_lstm.batch(p, forest)
+    per_node = masked_mean(_cross_entropy(p, h, forest.data["label"]), forest.node_mask)
+    return masked_mean(_cross_entropy(p, h[forest.roots], labels), forest.root_mask) + per_node
+
+
+def root_metrics(p, forest, labels):
+    h, _ = tree_lstm.batch(p, forest)
+    return {"accuracy": root_accuracy(h[forest.roots] @ p["out"], labels, forest)}
+
+
+def with_node_labels(tree):
+    """A copy of a calculator tree whose every node carries a label (its token mod 5)."""
+    token = tree.data["token"]
+    return rj.Tree({"token": token, "label": token % 5}, [with_node_labels(c) for c in tree.children])
+
+
+@pytest.fixture(scope="module")
+def whole_run():
+    """Four uninterrupted epochs on the calculator task, evaluated after each."""
+    test_trees, test_labels = demo.load_dataset(demo.TEST_FILE, limit=21)
+    trees, labels = TRAIN
+    result = fit(root_loss, _params(), trees, labels=labels, optimizer=ADAM, epochs=4, batch_size=16,
+                 eval_fn=root_metrics, eval_trees=test_trees, eval_labels=test_labels, progress=False)
+    return result, test_trees, test_labels
+
+
+def test_fit_loss_decreases_and_eval_counts_every_eval_tree(whole_run):
+    (p, state, history), test_trees, test_labels = whole_run
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert all(h["nodes_per_s"] > 0 and h["seconds"] > 0 for h in history)
+    assert int(state[0].count) == 4 * 2  # adam's step count: 2 batches per epoch
+    # The metric over padded eval batches equals plain accuracy on the unpadded eval forest.
+    forest = rj.Forest.from_trees(test_trees)
+    h, _ = tree_lstm.batch(p, forest)
+    predicted = np.asarray(jnp.argmax(h[forest.roots] @ p["out"], axis=-1))
+    assert history[-1]["metrics"]["accuracy"] == pytest.approx(np.mean(predicted == test_labels))
+
+
+def test_fit_masks_padding_per_root_and_per_node():
+    """One padded batch, plain SGD: loss and update equal those on the unpadded forest.
+
+    The loss is a per-root mean plus a per-node mean; padding leaking into either (or a
+    label row gathered for the wrong root) changes the value and the gradient.
+    """
+    trees, labels = [with_node_labels(t) for t in TRAIN[0][:5]], TRAIN[1][:5]
+    (batch,) = list(batches(trees, 8, seed=0, epoch=0))
+    real_nodes = int(tree_sizes(trees).sum())
+    assert batch.forest.num_nodes > real_nodes and len(batch.forest.roots) > 5  # padded both ways
+    assert batch.indices.tolist() != list(range(5))  # shuffled: labels must follow their roots
+
+    p0 = _params()
+    p, _, history = fit(root_and_node_loss, p0, trees, labels=labels, optimizer=optax.sgd(1.0),
+                        epochs=1, batch_size=8, progress=False)
+    plain = rj.Forest.from_trees(trees)
+    assert plain.num_nodes == real_nodes and bool(np.all(plain.node_mask))
+    want, grads = jax.jit(jax.value_and_grad(root_and_node_loss))(p0, plain, labels)
+    assert history[0]["loss"] == pytest.approx(float(want), rel=1e-5)
+    jax.tree.map(lambda a, b, g: np.testing.assert_allclose(a, b - g, atol=1e-6), p, p0, grads)
+
+
+def _close(a, b, atol=1e-6):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=atol, rtol=0), a, b)
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(whole_run, tmp_path, monkeypatch):
+    whole = whole_run[0]
+    trees, labels = TRAIN
+    kw = dict(labels=labels, optimizer=ADAM, epochs=4, batch_size=16, progress=False,
+              checkpoint_dir=tmp_path)
+    real_batches = train.batches
+
+    def crashing_batches(*args, epoch, **kwargs):  # the process dies after a step of epoch 3
+        with contextlib.closing(real_batches(*args, epoch=epoch, **kwargs)) as epoch_batches:
+            for i, b in enumerate(epoch_batches):
+                if epoch == 2 and i == 1:
+                    raise KeyboardInterrupt
+                yield b
+
+    monkeypatch.setattr(train, "batches", crashing_batches)
+    with pytest.raises(KeyboardInterrupt):
+        fit(root_loss, _params(), trees, **kw)
+    monkeypatch.setattr(train, "batches", real_batches)
+    assert os.listdir(tmp_path) == [train.CHECKPOINT_FILE]  # no temporary file left
+    with np.load(tmp_path / train.CHECKPOINT_FILE, allow_pickle=False) as saved:
+        assert json.loads(str(saved["meta"]))["epoch"] == 2  # epoch 3's first step is lost
+
+    resumed = fit(root_loss, _params(seed=99), trees, **kw)  # initial values unused
+    _close(resumed.params, whole.params)
+    _close(resumed.opt_state, whole.opt_state)
+    assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in whole.history], abs=1e-6)
+
+    again = fit(root_loss, _params(), trees, **kw)  # nothing left to do
+    _close(again.params, resumed.params, atol=0)
+    assert len(again.history) == 4
+
+    # Resuming under other settings would not reproduce the run: refused, naming the mismatch.
+    with pytest.raises(ValueError, match="seed is 0 in the checkpoint and 1 now"):
+        fit(root_loss, _params(), trees, seed=1, **dict(kw, epochs=5))
+    p = _params()
+    p["out"] = p["out"][:, :3]
+    with pytest.raises(ValueError, match=r"params\['out'\] is float32\[4, 10\] in the checkpoint"):
+        fit(root_loss, p, trees, **dict(kw, epochs=5))
+
+
+# A model small enough that the checkpoint and progress tests compile in a blink.
+@rj.recursive
+def weighted_size(w, node):
+    return w * node.data + node.children.map(lambda c: weighted_size(w, c)).sum()
+
+
+def size_loss(w, forest, targets):
+    return masked_mean((weighted_size.batch(w, forest)[forest.roots] - targets) ** 2, forest.root_mask)
+
+
+SMALL = [rj.Tree(1.0, [rj.Tree(2.0) for _ in range(k)]) for k in range(6)]
+SMALL_KW = dict(labels=np.array([3.0 * (1 + 2 * k) for k in range(6)], np.float32),
+                optimizer=optax.sgd(0.005), batch_size=2)
+
+
+def test_checkpoints_are_atomic(tmp_path, monkeypatch):
+    kw = dict(SMALL_KW, checkpoint_dir=tmp_path, progress=False)
+    fit(size_loss, jnp.array(0.0), SMALL, epochs=1, **kw)
+    path = tmp_path / train.CHECKPOINT_FILE
+    good = path.read_bytes()
+
+    def torn_savez(f, **arrays):  # the disk fills up halfway through epoch 2's checkpoint
+        f.write(b"PK\x03\x04 half a zip")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(train.np, "savez", torn_savez)
+    with pytest.raises(OSError, match="disk full"):
+        fit(size_loss, jnp.array(0.0), SMALL, epochs=2, **kw)
+    monkeypatch.undo()
+    assert path.read_bytes() == good  # the good checkpoint survives
+    assert os.listdir(tmp_path) == [train.CHECKPOINT_FILE]  # and the temporary file is gone
+
+    # A leftover temporary file (a crash between write and rename) is ignored.
+    (tmp_path / (train.CHECKPOINT_FILE + ".x1y2.tmp")).write_bytes(b"garbage")
+    w, _, history = fit(size_loss, jnp.array(0.0), SMALL, epochs=2, **kw)
+    assert [h["epoch"] for h in history] == [1, 2]
+    whole = fit(size_loss, jnp.array(0.0), SMALL, epochs=2, progress=False, **SMALL_KW)
+    np.testing.assert_allclose(w, whole.params, atol=1e-6)
+
+    # A damaged checkpoint is an error that says what to do, not a silent restart.
+    path.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError, match="cannot be read.*resume=False"):
+        fit(size_loss, jnp.array(0.0), SMALL, epochs=3, **kw)
+    fit(size_loss, jnp.array(0.0), SMALL, epochs=1, resume=False, **kw)
+    with np.load(path, allow_pickle=False) as saved:
+        assert saved["params_0"].dtype == np.float32
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_shows_loss_and_nodes_per_second_only_when_asked(capfd, monkeypatch):
+    fit(size_loss, jnp.array(0.0), SMALL, epochs=2, progress=False, **SMALL_KW)
+    assert capfd.readouterr() == ("", "")
+    fit(size_loss, jnp.array(0.0), SMALL, epochs=1, progress=True, **SMALL_KW)  # stderr: no TTY
+    assert capfd.readouterr() == ("", "")
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    fit(size_loss, jnp.array(0.0), SMALL, epochs=2, progress=True, **SMALL_KW)
+    shown = terminal.getvalue()
+    assert "epoch 1/2" in shown and "epoch 2/2" in shown and "3/3" in shown
+    assert "loss " in shown and "nodes/s" in shown
+
+
+def test_metric_helpers_match_plain_numpy():
+    rng = np.random.default_rng(0)
+    parents = [-1, 0, 0, -1, 3, 3, -1, -1, -1, -1, -1]  # 11 nodes, 7 roots
+    forest = rj.Forest.from_parents(parents, {"x": np.zeros(11)}).padded()
+    n, r = forest.num_nodes, len(forest.roots)
+    assert n > 11 and r > 7  # padding on both axes
+    nm, rm = np.asarray(forest.node_mask), np.asarray(forest.root_mask)
+    logits_n, labels_n = rng.normal(size=(n, 5)), rng.integers(0, 5, n)
+    logits_r, labels_r = rng.normal(size=(r, 5)), rng.integers(0, 5, r)
+    labels_r[:3] = 2  # neutral roots, left out of the binary score
+
+    correct, count = node_accuracy(logits_n, labels_n, forest)
+    assert (int(correct), int(count)) == (np.sum((logits_n.argmax(1) == labels_n)[nm]), 11)
+    correct, count = root_accuracy(logits_r, labels_r, forest)
+    assert (int(correct), int(count)) == (np.sum((logits_r.argmax(1) == labels_r)[rm]), 7)
+    prob = np.exp(logits_r) / np.exp(logits_r).sum(1, keepdims=True)
+    keep = rm & (labels_r != 2)
+    hit = (prob[:, 3:].sum(1) > prob[:, :2].sum(1)) == (labels_r >= 3)
+    correct, count = binary_root_accuracy(logits_r, labels_r, forest)
+    assert (int(correct), int(count)) == (np.sum(hit[keep]), np.sum(keep))
+    x = rng.normal(size=(n, 3))
+    np.testing.assert_allclose(masked_mean(x, forest.node_mask), x[nm].mean(), rtol=1e-5)
+
+
+def test_fit_rejects_misaligned_labels_and_bad_eval_fn():
+    kw = dict(SMALL_KW, epochs=1, progress=False)
+    with pytest.raises(ValueError, match=r"labels must be arrays with one row per tree \(6 rows\)"):
+        fit(size_loss, jnp.array(0.0), SMALL, **dict(kw, labels=np.zeros(5)))
+    with pytest.raises(ValueError, match="eval_fn and eval_trees together"):
+        fit(size_loss, jnp.array(0.0), SMALL, eval_trees=SMALL, **kw)
+    with pytest.raises(TypeError, match=r"dict of \(sum, count\) pairs.*'mse' is a"):
+        fit(size_loss, jnp.array(0.0), SMALL, eval_trees=SMALL, eval_labels=kw["labels"],
+            eval_fn=lambda w, f, y: {"mse": size_loss(w, f, y)}, **kw)
