@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import recjax as rj
+from recjax.data import AST_KINDS, python_functions  # noqa: F401
 
 # ---------------------------------------------------------------------- binary Tree-LSTM
 
@@ -82,31 +83,14 @@ def child_sum_params(key, kinds, dim=6, hidden=5):
     }
 
 
-def ast_to_tree(root: ast.AST, kinds: dict[str, int]) -> rj.Tree:
-    """Converts a Python AST to an ``rj.Tree`` with the node type as data (iterative)."""
-    kids = {}
-    stack = [root]
-    order = []
-    while stack:
-        n = stack.pop()
-        order.append(n)
-        kids[id(n)] = list(ast.iter_child_nodes(n))
-        stack.extend(kids[id(n)])
-    built = {}
-    for n in reversed(order):  # children before parents
-        kind = kinds.setdefault(type(n).__name__, len(kinds))
-        built[id(n)] = rj.Tree({"kind": kind}, [built[id(c)] for c in kids[id(n)]])
-    return built[id(root)]
+def stdlib_functions(module_files=("json/decoder.py", "textwrap.py", "bisect.py")):
+    """``rj.Tree``s of the function definitions in standard-library source files.
 
-
-def stdlib_functions(module_files=("json/decoder.py", "textwrap.py", "bisect.py"), limit=None):
-    """Function definitions parsed from standard-library source files."""
+    Node data: ``{"kind": id}`` from ``recjax.data.AST_KINDS``; every AST node is its own
+    tree node (CPython shares ``ast.Load()`` objects, which ``from_ast`` does not merge).
+    """
     base = pathlib.Path(ast.__file__).parent
-    out = []
-    for name in module_files:
-        tree = ast.parse((base / name).read_text())
-        out += [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]
-    return out[:limit] if limit else out
+    return python_functions([base / name for name in module_files])
 
 
 # ---------------------------------------------------------------------- expression evaluator

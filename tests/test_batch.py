@@ -8,8 +8,8 @@ import pytest
 
 import recjax as rj
 from models import (
+    AST_KINDS,
     assert_trees_close,
-    ast_to_tree,
     child_sum_lstm,
     child_sum_params,
     evaluate,
@@ -62,14 +62,13 @@ def test_binary_tree_lstm_matches_eager(seed, jit):
 
 @pytest.mark.parametrize("jit", [False, True])
 def test_child_sum_over_python_asts(jit):
-    kinds: dict[str, int] = {}
-    trees = [ast_to_tree(f, kinds) for f in stdlib_functions()]
+    trees = stdlib_functions()
     sizes = [rj.Forest.from_trees([t]).num_nodes for t in trees]
     # the eager reference is slow per node: keep small and medium functions
     trees = [t for t, n in zip(trees, sizes) if n <= 150][:12]
     forest = rj.Forest.from_trees(trees)
     assert max(np.diff(forest.child_ptr)) > 4  # really variable arity
-    p = child_sum_params(jax.random.key(1), kinds=len(kinds) + 1)
+    p = child_sum_params(jax.random.key(1), kinds=len(AST_KINDS))
     run = jax.jit(child_sum_lstm.batch) if jit else child_sum_lstm.batch
     got = run(p, forest)
     want = [child_sum_lstm(p, t) for t in trees]
