@@ -11,8 +11,11 @@ Buffer layout. The executor keeps one state buffer of ``PlanKey.num_buffer_rows`
                                      holds the nodes computed at step t of the phase
 
 Padding rows read the data of node 0 and, as children, buffer row 0 (a real leaf), so a
-cell evaluated on padding sees real values and its gradient there is finite. Padding
-edges carry segment id ``width`` so that segment ops drop them.
+cell evaluated on padding sees real values and its gradient there is finite: a padding
+row has degree 0 (fixed-arity templates read row 0 for every child) and owns one edge
+slot whose child is row 0 (so ``children.map`` reductions see one real child, never an
+empty sum that node-level code might divide by). Unused edge slots carry segment id
+``width`` so that segment ops drop them.
 """
 
 from __future__ import annotations
@@ -95,7 +98,8 @@ class PhaseTables:
       edge_start: ``[S, K]`` offset of each row's first child in the step's edge block;
         row r's children are edge slots ``edge_start[r] .. edge_start[r] + degree[r] - 1``.
       edge_child: ``[S, KE]`` buffer row of the child on each edge slot (0 for padding).
-      edge_segment: ``[S, KE]`` row (0..K-1) that owns each edge slot; ``K`` for padding.
+      edge_segment: ``[S, KE]`` row (0..K-1) that owns each edge slot; ``K`` for unused
+        slots. A padding row owns one slot (child row 0) and has degree 0.
     """
 
     node: np.ndarray
@@ -280,8 +284,13 @@ def plan(child_ptr: np.ndarray, child_idx: np.ndarray, at_least: PlanKey | None 
         first_in_step = np.r_[True, step[1:] != step[:-1]] if step.size else np.zeros(0, bool)
         step_edge_first[step[first_in_step]] = cum[first_in_step]
         start = cum - step_edge_first[step]
-        edges_per_step = np.bincount(step, weights=deg, minlength=steps).astype(np.int64)
-        num_edges = max(ladder(int(edges_per_step.max())), floor[width].edges if width in floor else 0, 1)
+        real_rows = np.bincount(step, minlength=steps)
+        real_edges = np.bincount(step, weights=deg, minlength=steps).astype(np.int64)
+        # Every padding row owns one edge slot, after the step's real edges, whose child
+        # is row 0 (a real leaf): reductions over its children then see a real value.
+        pad_rows = width - real_rows
+        num_edges = ladder(int((real_edges + pad_rows).max()))
+        num_edges = max(num_edges, floor[width].edges if width in floor else 0, 1)
         phase_keys.append(PhaseKey(width, steps, num_edges))
 
         node_t = np.zeros((steps, width), dtype=np.int64)
@@ -298,6 +307,11 @@ def plan(child_ptr: np.ndarray, child_idx: np.ndarray, at_least: PlanKey | None 
         e_pos = np.repeat(start, deg) + concat_ranges(np.zeros_like(deg), deg)
         edge_child[e_step, e_pos] = row_of_node[child_idx[e_src]]
         edge_seg[e_step, e_pos] = np.repeat(local, deg)
+        p_step = np.repeat(np.arange(steps), pad_rows)
+        p_local = concat_ranges(real_rows, pad_rows)
+        p_pos = real_edges[p_step] + p_local - real_rows[p_step]
+        start_t[p_step, p_local] = p_pos
+        edge_seg[p_step, p_pos] = p_local  # edge_child stays 0
         tables.append(
             PhaseTables(
                 *(a.astype(np.int32) for a in (node_t, degree_t, start_t, edge_child, edge_seg))

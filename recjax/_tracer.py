@@ -194,8 +194,8 @@ class _SegmentRagged(Ragged):
         @reduce_one.def_vmap
         def rule(axis_size, in_batched, row, outputs, segment, consts):
             consts_batched = in_batched[3]
-            # Clipping sends padding edges (segment == axis_size) to a real row; the
-            # segment op then drops them.
+            # Unused edge slots (segment == axis_size) borrow the last row's values;
+            # the segment op drops them. Every row, padding included, owns >= 1 edge.
             owner = jnp.minimum(segment, axis_size - 1)
             edge_consts = [c[owner] if b else c for c, b in zip(consts, consts_batched)]
             axes = [0 if b else None for b in consts_batched]
@@ -221,7 +221,8 @@ def _segment_reduce(op, v, segment, n):
         return s if op == "sum" else s / jnp.maximum(count, 1)
     seg = jax.ops.segment_max if op == "max" else jax.ops.segment_min
     r = seg(v, segment, n, indices_are_sorted=True)
-    # Rows without children are padding: give them 0, not -inf, so nothing overflows.
+    # Every row owns at least one edge (see the planner); this guard only keeps an
+    # empty segment at 0 rather than -inf should that ever change.
     return jnp.where(count > 0, r, jnp.zeros_like(r))
 
 

@@ -65,8 +65,10 @@ def test_plan_invariants(seed):
             for r in range(pk.width):
                 row = base + s * pk.width + r
                 d = t.degree[s, r]
-                if d == 0:  # padding: reads node 0, no edges
+                if d == 0:  # padding: reads node 0, owns one edge slot whose child is row 0
                     assert t.node[s, r] == 0
+                    e = t.edge_start[s, r]
+                    assert t.edge_segment[s, e] == r and t.edge_child[s, e] == 0
                     continue
                 node = int(t.node[s, r])
                 seen.append(node)
@@ -78,7 +80,8 @@ def test_plan_invariants(seed):
                 assert all(t.edge_segment[s, e] == r for e in slots)
                 # children were computed before this step began
                 assert all(g < base + s * pk.width for g in got)
-            # padding edge slots are dropped by segment ops and read row 0
+            # every row owns at least one slot; unused slots are dropped and read row 0
+            assert set(range(pk.width)) <= set(t.edge_segment[s].tolist())
             pad = t.edge_segment[s] == pk.width
             assert (t.edge_child[s][pad] == 0).all()
             assert (t.edge_segment[s] <= pk.width).all()
