@@ -121,8 +121,11 @@ def _compute_rows(templates, dynamic, buffer, data, degree, start, edge_child, s
     for k, template in sorted((k, t) for k, t in templates.items() if k != 0):
         j = jnp.arange(k)[None, :]
         slot = jnp.minimum(start[:, None] + j, num_edges - 1)
-        # Missing children (rows of another arity, padding) read row 0, a real leaf.
-        rows = jnp.where(j < degree[:, None], edge_child[slot], 0)
+        # Rows of another arity run this template too (their result is discarded): their
+        # missing children read the row's own first child, so nothing crosses between
+        # trees, even as a zero cotangent times a NaN. Padding rows read row 0.
+        own_first = edge_child[start][:, None]
+        rows = jnp.where(j < degree[:, None], edge_child[slot], own_first)
         children = tuple(jax.tree.map(lambda b: b[rows[:, i]], buffer) for i in range(k))
         out_k = apply_template(template, k, dynamic, data, children, degree.shape[0])
         if out is None:

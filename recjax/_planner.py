@@ -15,7 +15,8 @@ cell evaluated on padding sees real values and its gradient there is finite: a p
 row has degree 0 (fixed-arity templates read row 0 for every child) and owns one edge
 slot whose child is row 0 (so ``children.map`` reductions see one real child, never an
 empty sum that node-level code might divide by). Unused edge slots carry segment id
-``width`` so that segment ops drop them.
+``width`` so that segment ops drop them, and read the last row's first child (the row
+whose node-level values they borrow), so no value crosses from one tree to another.
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ class PhaseTables:
       degree: ``[S, K]`` number of children of each row (0 for padding rows).
       edge_start: ``[S, K]`` offset of each row's first child in the step's edge block;
         row r's children are edge slots ``edge_start[r] .. edge_start[r] + degree[r] - 1``.
-      edge_child: ``[S, KE]`` buffer row of the child on each edge slot (0 for padding).
+      edge_child: ``[S, KE]`` buffer row of the child on each edge slot (row 0 for a
+        padding row's slot; the last row's first child for unused slots).
       edge_segment: ``[S, KE]`` row (0..K-1) that owns each edge slot; ``K`` for unused
         slots. A padding row owns one slot (child row 0) and has degree 0.
     """
@@ -312,6 +314,12 @@ def plan(child_ptr: np.ndarray, child_idx: np.ndarray, at_least: PlanKey | None 
         p_pos = real_edges[p_step] + p_local - real_rows[p_step]
         start_t[p_step, p_local] = p_pos
         edge_seg[p_step, p_pos] = p_local  # edge_child stays 0
+        # Unused slots borrow the last row's node-level values in map reductions (their
+        # results are dropped); they read that row's own first child too, so a NaN in one
+        # tree can only reach rows of that tree, even through zero cotangents.
+        unused = edge_seg == width
+        last_first_child = edge_child[np.arange(steps), start_t[:, width - 1]]
+        edge_child = np.where(unused, last_first_child[:, None], edge_child)
         tables.append(
             PhaseTables(
                 *(a.astype(np.int32) for a in (node_t, degree_t, start_t, edge_child, edge_seg))

@@ -9,6 +9,7 @@ children, when passed back to the function, stand for their already-computed out
 from __future__ import annotations
 
 import functools
+import inspect
 import threading
 from typing import Any, Callable, NamedTuple
 
@@ -28,6 +29,10 @@ _DATA_FLOW_ERRORS = (
     jax.errors.TracerIntegerConversionError,
     jax.errors.TracerArrayConversionError,
 )
+
+
+class _UsageError(TypeError):
+    """A rule of recjax broken by the user's code: raised as is, never wrapped."""
 
 
 class _NeedsArity(Exception):
@@ -56,7 +61,7 @@ def _call_user(frame, fn, args, kwargs, where):
     _frames.stack.append(frame)
     try:
         return fn(*args, **kwargs)
-    except (_NeedsArity, _EmptyReductionError):
+    except (_NeedsArity, _EmptyReductionError, _UsageError):
         raise
     except _DATA_FLOW_ERRORS as e:
         raise TypeError(
@@ -350,12 +355,28 @@ class Recursive:
     def __init__(self, fn: Callable):
         functools.update_wrapper(self, fn)
         self.fn = fn
+        try:
+            self._signature = inspect.signature(fn)
+        except (TypeError, ValueError):  # some callables have no signature
+            self._signature = None
         self._signature_cache: dict = {}
         self._num_traces = 0  # executor traces, for recompilation tests
         self._jit_execute = jax.jit(self._execute, static_argnums=0)
 
     def __repr__(self):
         return f"<recjax.recursive {getattr(self.fn, '__qualname__', self.fn)}>"
+
+    def _bind(self, args, kwargs):
+        """The call's arguments by parameter name (defaults filled), so ``f(p, c, s)`` and
+        ``f(p, c, scale=s)`` compare equal; positional and keyword as given otherwise."""
+        if self._signature is None:
+            return (args, kwargs)
+        try:
+            bound = self._signature.bind(*args, **kwargs)
+        except TypeError:
+            return (args, kwargs)
+        bound.apply_defaults()
+        return dict(bound.arguments)
 
     @property
     def _name(self):
@@ -393,7 +414,7 @@ class Recursive:
             return _EagerFrame(self, rest).compute(node, args, kwargs, pos)
         frame = _frames.stack[-1] if _frames.stack else None
         if frame is None or frame.rec is not self:
-            raise TypeError(
+            raise _UsageError(
                 f"{self._name} was called on a child node of another @recursive function; "
                 "mutual recursion between recursive functions is not supported yet."
             )
@@ -491,7 +512,15 @@ class Recursive:
             node = _Node(data, signature == 0, kids)
             (args, kwargs), rest = self._rebuild(static, dynamic, node)
             frame = _TraceFrame(self, rest, signature)
-            return _call_user(frame, self.fn, args, kwargs, _describe(signature))
+            out = _call_user(frame, self.fn, args, kwargs, _describe(signature))
+            for leaf in jax.tree.leaves(out):
+                if not (_is_array(leaf) or isinstance(leaf, (bool, int, float, complex))):
+                    raise _UsageError(
+                        f"{self._name} must return a pytree of arrays; at "
+                        f"{_describe(signature)} it returned a leaf {leaf!r} of type "
+                        f"{type(leaf).__name__}. Return jnp arrays (or Python numbers)."
+                    )
+            return out
 
         return template
 
@@ -512,7 +541,6 @@ class Recursive:
             return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), out)
 
         out_spec = shape_of(0, None)
-        _check_output(self._name, out_spec)
         if not meta.example_node:  # every node is a leaf
             mode = ()
         else:
@@ -534,19 +562,20 @@ class Recursive:
                     try:
                         got[k] = shape_of(k, tuple(jax.tree.map(one, out_spec) for _ in range(k)))
                     except (TypeError, ValueError, IndexError) as e:
-                        if isinstance(e, TypeError) and "branches on traced data" in str(e):
+                        if isinstance(e, _UsageError) or "branches on traced data" in str(e):
                             raise
                         node = meta.example_node[k]
                         where = (
-                            f"node {node} of the forest has {k}"
+                            f"node {node} of the forest has them"
                             if node >= 0
                             else "a forest padded together with this one has such a node"
                         )
+                        kids = "1 child" if k == 1 else f"{k} children"
                         raise ValueError(
-                            f"{self._name} cannot handle a node with {k} children ({where}); "
-                            "tracing it raised "
-                            f"{type(e).__name__}: {e}. Handle this arity, or use "
-                            "node.children.map(...) for any number of children."
+                            f"{self._name} cannot handle a node with {kids} ({where}); "
+                            f"tracing it raised {type(e).__name__}: {str(e).rstrip('.')}. "
+                            "Handle this arity, or use node.children.map(...) for any "
+                            "number of children."
                         ) from e
             for sig, spec in got.items():
                 if not _same_spec(spec, out_spec):
@@ -584,7 +613,7 @@ class _TraceFrame:
         self.empty_reduction = False
 
     def check_args(self, rest):
-        _check_same_args(self.rec._name, self.rest, rest)
+        _check_same_args(self.rec, self.rest, rest)
 
 
 class _EagerFrame(_TraceFrame):
@@ -603,18 +632,20 @@ class _EagerFrame(_TraceFrame):
         return self.memo[key]
 
 
-def _check_same_args(name, expected, got):
-    e_leaves, e_tree = jax.tree.flatten(expected)
-    g_leaves, g_tree = jax.tree.flatten(got)
+def _check_same_args(rec, expected, got):
+    """Raises unless two calls bind the same non-node arguments (by position or keyword)."""
+    e_leaves, e_tree = jax.tree.flatten(rec._bind(*expected))
+    g_leaves, g_tree = jax.tree.flatten(rec._bind(*got))
     same = e_tree == g_tree and all(
         a is b or (not _is_array(a) and not _is_array(b) and a == b)
         for a, b in zip(e_leaves, g_leaves)
     )
     if not same:
-        raise TypeError(
-            f"a recursive call of {name} must pass the same non-node arguments as its caller "
-            "(recjax computes every node once, with one set of arguments). To vary a value "
-            "per node, store it in the node data, or compute it from the children's outputs."
+        raise _UsageError(
+            f"a recursive call of {rec._name} must pass the same non-node arguments as its "
+            "caller (recjax computes every node once, with one set of arguments). To vary a "
+            "value per node, store it in the node data, or compute it from the children's "
+            "outputs."
         )
 
 
@@ -646,12 +677,6 @@ def _describe(signature) -> str:
     if signature == "map":
         return "an internal node"
     return f"an internal node with {signature} children"
-
-
-def _check_output(name, spec):
-    for leaf in jax.tree.leaves(spec):
-        if not isinstance(leaf, jax.ShapeDtypeStruct):
-            raise TypeError(f"{name} must return a pytree of arrays; got a leaf {leaf!r}.")
 
 
 def _same_spec(a, b) -> bool:

@@ -191,3 +191,23 @@ def test_tree_objects_made_cyclic_by_mutation_are_rejected():
     a.children = (b,)  # only possible by reassigning the attribute
     with pytest.raises(ValueError, match=r"cycle through nodes 0 -> 1 -> 0"):
         rj.Forest.from_trees([b])
+
+
+def test_keyword_and_positional_arguments_bind_the_same():
+    @rj.recursive
+    def f(p, node, scale=1.0):
+        return scale * node.data + sum(f(p, c, scale) for c in node.children)
+
+    t = rj.Tree(1.0, [rj.Tree(2.0)])
+    s = jnp.float32(2.0)
+    forest = rj.Forest.from_trees([t])
+    np.testing.assert_allclose(f.batch(jnp.float32(0), forest, scale=s), [6.0, 4.0])
+    np.testing.assert_allclose(f(jnp.float32(0), t, scale=s), 6.0)
+
+    @rj.recursive
+    def g(p, node, scale=1.0):
+        return scale * node.data + sum(g(p, c, scale + 1) for c in node.children)
+
+    # the usage error is raised as is, not wrapped in an arity error
+    with pytest.raises(TypeError, match="must pass the same non-node arguments"):
+        g.batch(jnp.float32(0), forest, scale=s)

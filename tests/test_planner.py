@@ -80,10 +80,11 @@ def test_plan_invariants(seed):
                 assert all(t.edge_segment[s, e] == r for e in slots)
                 # children were computed before this step began
                 assert all(g < base + s * pk.width for g in got)
-            # every row owns at least one slot; unused slots are dropped and read row 0
+            # every row owns at least one slot; unused slots are dropped and read the
+            # last row's first child
             assert set(range(pk.width)) <= set(t.edge_segment[s].tolist())
             pad = t.edge_segment[s] == pk.width
-            assert (t.edge_child[s][pad] == 0).all()
+            assert (t.edge_child[s][pad] == t.edge_child[s, t.edge_start[s, -1]]).all()
             assert (t.edge_segment[s] <= pk.width).all()
         base += pk.steps * pk.width
     assert sorted(seen) == [i for i in range(n) if children[i]]
