@@ -116,6 +116,11 @@ class Forest:
                 t = stack.pop()
                 if id(t) in ids:
                     continue
+                if not isinstance(t, Tree):  # only by reassigning Tree.children
+                    parent = next(i for i, n in enumerate(nodes) if any(c is t for c in n.children))
+                    raise TypeError(
+                        f"node {parent} has a child that is a {type(t).__name__}, not an rj.Tree."
+                    )
                 ids[id(t)] = len(nodes)
                 nodes.append(t)
                 stack.extend(reversed(t.children))

@@ -1,0 +1,301 @@
+"""Every entry of docs/errors.md is triggered here, and the doc and the code cannot drift.
+
+``CASES`` maps each catalogue id to a trigger, the exception type and a pattern that the
+message must match; every pattern includes what names the node or the field. Two more
+tests parse docs/errors.md: its ids are exactly the ids of ``CASES``, and every ``raise``
+in the public modules carries the message phrase of some entry (and every phrase is still
+raised somewhere).
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import recjax as rj
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "errors.md"
+MODULES = ["_tree.py", "_forest.py", "_planner.py", "_tracer.py", "_executor.py"]
+
+
+# ---------------------------------------------------------------------- triggers
+
+
+def forest(n=3):
+    return rj.Forest.from_parents([-1] + [0] * (n - 1), np.ones(n, np.float32))
+
+
+@rj.recursive
+def add(node):
+    return node.data + node.children.map(add).sum()
+
+
+def branch_on_data():
+    @rj.recursive
+    def f(node):
+        return node.data if node.data > 0 else -node.data
+
+    f.batch(forest())
+
+
+def empty_sum_shape():
+    @rj.recursive
+    def f(w, node):
+        return jnp.tanh(node.children.map(lambda c: f(w, c)).sum() @ w + node.data)
+
+    f(jnp.ones((2, 2)), rj.Tree(np.zeros(2, np.float32)))
+
+
+def empty_reduction():
+    @rj.recursive
+    def f(node):
+        return node.data + node.children.map(f).max()
+
+    f.batch(forest())
+
+
+def child_attribute():
+    @rj.recursive
+    def f(node):
+        return node.data + node.children.map(lambda c: c.data).sum()
+
+    f.batch(forest())
+
+
+def self_call():
+    @rj.recursive
+    def f(node):
+        return f(node)
+
+    f(rj.Tree(1.0))
+
+
+def mutual_recursion():
+    @rj.recursive
+    def g(node):
+        return node.data
+
+    @rj.recursive
+    def f(node):
+        return node.data + node.children.map(g).sum()
+
+    f(rj.Tree(1.0, [rj.Tree(2.0)]))
+
+
+def unhashable_static():
+    @rj.recursive
+    def f(cfg, node):
+        return node.data
+
+    f.batch({1, 2}, forest())
+
+
+def too_many_arities():
+    @rj.recursive
+    def f(node):
+        return node.data + sum(f(c) for c in node.children)
+
+    children, n = [[]], 1
+    for a in range(1, 18):  # children of arities 1..17 under one root
+        children[0].append(n)
+        children.append(list(range(n + 1, n + 1 + a)))
+        children += [[] for _ in range(a)]
+        n += 1 + a
+    f.batch(rj.Forest.from_children(children, np.ones(n, np.float32)))
+
+
+def unhandled_arity():
+    @rj.recursive
+    def f(node):
+        if node.is_leaf:
+            return node.data
+        left, right = [f(c) for c in node.children]
+        return left + right
+
+    f.batch(rj.Forest.from_children([[1, 2], [], [3, 4, 5], [], [], []], np.ones(6, np.float32)))
+
+
+def output_mismatch():
+    @rj.recursive
+    def f(node):
+        if node.is_leaf:
+            return node.data
+        return node.data, node.children.map(f).sum()
+
+    f.batch(forest())
+
+
+def changed_arguments():
+    @rj.recursive
+    def f(depth, node):
+        return depth + node.children.map(lambda c: f(depth + 1, c)).sum()
+
+    f(jnp.float32(0), rj.Tree(0.0, [rj.Tree(0.0)]))
+
+
+def non_array_output():
+    @rj.recursive
+    def f(node):
+        return "text"
+
+    f.batch(forest())
+
+
+def child_not_tree_by_mutation():
+    t = rj.Tree(1.0, [rj.Tree(2.0)])
+    t.children = (rj.Tree(2.0), "leaf")
+    rj.Forest.from_trees([t])
+
+
+def cycle_by_mutation():
+    a = rj.Tree(1.0, [rj.Tree(2.0)])
+    a.children[0].children = (a,)
+    rj.Forest.from_trees([rj.Tree(0.0, [a])])
+
+
+def inside_jit(fn):
+    return lambda: jax.jit(fn)(forest())
+
+
+# id -> (trigger, exception type, pattern the message must match: names the node or field)
+CASES = {
+    "tree-child-not-tree": (lambda: rj.Tree(1.0, [2.0]), TypeError, r"child 0 is a float"),
+    "trees-single-tree": (lambda: rj.Forest.from_trees(rj.Tree(1.0)), TypeError, r"takes a list of trees; wrap one tree as \[tree\]"),
+    "trees-not-iterable": (lambda: rj.Forest.from_trees(None), TypeError, r"from_trees takes a list of trees; got a NoneType"),
+    "trees-empty": (lambda: rj.Forest.from_trees([]), ValueError, r"empty forest: Forest.from_trees got no trees"),
+    "trees-element-not-tree": (lambda: rj.Forest.from_trees([rj.Tree(1.0), 2.0]), TypeError, r"element 1 is a float"),
+    "trees-child-not-tree": (child_not_tree_by_mutation, TypeError, r"node 0 has a child that is a str"),
+    "data-schema-mismatch": (
+        lambda: rj.Forest.from_trees([rj.Tree({"x": 1.0}), rj.Tree({"x": 2})]),
+        ValueError,
+        r"node 1: data\['x'\] has shape \(\) and dtype int64; node 0 has shape \(\) and dtype float64",
+    ),
+    "data-not-numeric": (lambda: rj.Forest.from_trees([rj.Tree({"w": "text"})]), TypeError, r"data\['w'\] has dtype <U4; node data must be numeric"),
+    "parents-ragged": (lambda: rj.Forest.from_parents([[-1], [0, 0]]), ValueError, r"parent must be a 1-D integer array"),
+    "parents-ndim": (lambda: rj.Forest.from_parents([[-1, 0]]), ValueError, r"parent must be a 1-D array; got shape \(1, 2\)"),
+    "parents-empty": (lambda: rj.Forest.from_parents([]), ValueError, r"empty forest: the parent array has no nodes"),
+    "parents-dtype": (lambda: rj.Forest.from_parents([-1.0, 0.0]), TypeError, r"parent must be an integer array; got dtype float64"),
+    "parents-out-of-range": (lambda: rj.Forest.from_parents([-1, 5, 0]), ValueError, r"parent\[1\] = 5 is out of range for 3 nodes"),
+    "parents-self": (lambda: rj.Forest.from_parents([-1, 1]), ValueError, r"node 1 is its own parent"),
+    "children-not-iterable": (lambda: rj.Forest.from_children(None), TypeError, r"children must be a list of lists of node ids; got a NoneType"),
+    "children-empty": (lambda: rj.Forest.from_children([]), ValueError, r"empty forest: the children list has no nodes"),
+    "children-not-lists": (lambda: rj.Forest.from_children([[1], 5]), TypeError, r"children must be a list of lists of node ids \(object of type 'int'"),
+    "children-id-dtype": (lambda: rj.Forest.from_children([[1], [0.5], []]), TypeError, r"child ids must be integers; node 1 has child 0.5"),
+    "children-out-of-range": (lambda: rj.Forest.from_children([[1], [7], []]), ValueError, r"child id 7 of node 1 is out of range: the forest has 3 nodes"),
+    "children-self": (lambda: rj.Forest.from_children([[1], [1]]), ValueError, r"node 1 is its own child"),
+    "children-no-root": (lambda: rj.Forest.from_children([[1], [0]]), ValueError, r"no root \(every node is somebody's child\)"),
+    "data-ragged": (lambda: rj.Forest.from_parents([-1, 0], {"x": [[1.0, 2.0], [1.0]]}), ValueError, r"data\['x'\] is not a rectangular array"),
+    "data-leading-axis": (lambda: rj.Forest.from_parents([-1, 0, 0], {"x": np.zeros(2)}), ValueError, r"data\['x'\] has shape \(2,\); its leading axis must be the number of nodes \(3\)"),
+    "forest-cycle": (lambda: rj.Forest.from_children([[1], [2], [3], [1]]), ValueError, r"cycle through nodes 1 -> 2 -> 3 -> 1: node 1 is its own descendant"),
+    "padded-inside-jit": (inside_jit(lambda f: f.padded()), ValueError, r"Forest.padded\(\) needs the host arrays"),
+    "padded-too-few-roots": (lambda: forest().padded(num_roots=0), ValueError, r"num_roots=0 is less than the 1 roots"),
+    "pad-all-empty": (lambda: rj.Forest.pad_all([]), ValueError, r"Forest.pad_all got no forests"),
+    "plan-rebuilt": (inside_jit(lambda f: f.plan.num_steps), ValueError, r"rebuilt from its pytree leaves; its host plan is gone"),
+    "children-inside-jit": (inside_jit(lambda f: f.children(0)), ValueError, r"children arrays of a Forest are not available inside jit"),
+    "traced-branch": (branch_on_data, TypeError, r"f branches on traced data at a leaf.*`jnp.where` or `lax.cond`"),
+    "empty-sum-shape": (empty_sum_shape, TypeError, r"f failed at a leaf after .*sum\(\)` over no children.*initial=jnp.zeros"),
+    "empty-reduction": (empty_reduction, ValueError, r"max\(\) at a node without children.*`if node.is_leaf: ...`.*initial="),
+    "child-attribute": (child_attribute, AttributeError, r"`child.data` is not available"),
+    "node-argument-count": (lambda: add.batch(forest(), forest()), TypeError, r"add\(...\) got 2 node arguments; pass exactly one rj.Forest"),
+    "call-on-forest": (lambda: add(forest()), TypeError, r"add\(...\) got a Forest; use add.batch"),
+    "self-call": (self_call, TypeError, r"f calls itself on its own node"),
+    "mutual-recursion": (mutual_recursion, TypeError, r"g was called on a child node of another @recursive function"),
+    "batch-on-tree": (lambda: add.batch(rj.Tree(1.0)), TypeError, r"add.batch\(...\) takes a Forest, not a Tree"),
+    "unhashable-static": (unhashable_static, TypeError, r"f.batch: non-array arguments must be hashable"),
+    "too-many-arities": (too_many_arities, ValueError, r"f iterates, indexes or measures node.children.*more than 16 distinct arities"),
+    "unhandled-arity": (unhandled_arity, ValueError, r"f cannot handle a node with 3 children \(node 2 of the forest"),
+    "output-mismatch": (output_mismatch, TypeError, r"f returns .* at an internal node but float32\[\] at a leaf"),
+    "changed-arguments": (changed_arguments, TypeError, r"a recursive call of f must pass the same non-node arguments"),
+    # recjax's own check (`f must return a pytree of arrays`) is never reached: jax.vmap
+    # rejects the output first, with a message that does not name the function.
+    "non-array-output": (non_array_output, TypeError, r"f must return a pytree of arrays; at a leaf it returned a leaf 'text'"),
+}
+
+
+@pytest.mark.parametrize("entry", sorted(CASES))
+def test_catalogue_entry(entry):
+    trigger, exc_type, pattern = CASES[entry]
+    with pytest.raises(exc_type) as info:
+        trigger()
+    assert type(info.value) is exc_type or issubclass(type(info.value), exc_type)
+    assert re.search(pattern, str(info.value), re.S), f"{entry}: {info.value}"
+
+
+def test_non_array_output_names_the_function():
+    with pytest.raises(TypeError) as info:
+        non_array_output()
+    assert "f must return a pytree of arrays" in str(info.value)
+
+
+# ---------------------------------------------------------------------- the doc cannot drift
+
+ENTRY = re.compile(r"^### `([a-z0-9-]+)`\s*$", re.M)
+PHRASE = re.compile(r"^- \*\*Source:\*\* `recjax/(\w+\.py)`, phrase `([^`]+)`", re.M)
+
+
+def doc_entries():
+    """``{id: (module, phrase)}`` parsed from docs/errors.md."""
+    text = DOC.read_text()
+    starts = [(m.group(1), m.start()) for m in ENTRY.finditer(text)]
+    entries = {}
+    for (name, start), (_, end) in zip(starts, starts[1:] + [(None, len(text))]):
+        src = PHRASE.findall(text[start:end])
+        assert len(src) == 1, f"entry {name}: needs exactly one '- **Source:** `recjax/<module>`, phrase `...`' line"
+        assert name not in entries, f"duplicate entry {name}"
+        entries[name] = src[0]
+    return entries
+
+
+def test_doc_entries_equal_the_tested_cases():
+    ids = set(doc_entries())
+    assert ids, "no entries parsed from docs/errors.md"
+    assert ids - set(CASES) == set(), "documented but not tested"
+    assert set(CASES) - ids == set(), "tested but not documented"
+
+
+def raise_texts(module):
+    """The literal text of every user-facing ``raise`` in a module (one string per raise)."""
+    tree = ast.parse((ROOT / "recjax" / module).read_text())
+    strings = lambda node: " ".join(  # noqa: E731
+        n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+    )
+    # module-level constants and helper functions whose strings a raise may use
+    named = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            named[node.targets[0].id] = strings(node.value)
+        elif isinstance(node, ast.FunctionDef):
+            named[node.name] = strings(node)
+    texts = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Raise) or node.exc is None:
+            continue
+        exc = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+        if isinstance(exc, ast.Name) and exc.id == "_NeedsArity":  # internal, never escapes
+            continue
+        text = strings(node.exc) + " " + " ".join(
+            named[n.id] for n in ast.walk(node.exc) if isinstance(n, ast.Name) and n.id in named
+        )
+        texts.append((node.lineno, text))
+    return texts
+
+
+def test_every_raise_is_catalogued_and_every_phrase_is_raised():
+    entries = doc_entries()
+    for module in MODULES:
+        phrases = [phrase for mod, phrase in entries.values() if mod == module]
+        texts = raise_texts(module)
+        for lineno, text in texts:
+            assert any(p in text for p in phrases), (
+                f"recjax/{module}:{lineno} raises an error that docs/errors.md does not list; "
+                f"add an entry (and a case in CASES): {text[:120]!r}"
+            )
+        for phrase in phrases:
+            assert any(phrase in text for _, text in texts), f"docs/errors.md: phrase {phrase!r} is no longer raised in {module}"
