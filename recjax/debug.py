@@ -1,0 +1,348 @@
+"""Tools for looking inside recjax: the traced templates and the plan of a forest.
+
+No stability guarantee: what these functions print and draw may change in any release,
+and they may read recjax's private structures. Use them to understand or debug a
+program, never to feed other code.
+
+- ``print_templates(fn, *args)``: the jaxpr of every template the tracer builds for a
+  ``@recursive`` function on these arguments (the leaf, one per arity, or ``"map"``).
+- ``plan_summary(forest)``: levels, phases, widths, steps and padding of a forest's plan.
+- ``draw_plan(forest)``: a picture of the plan's steps (needs matplotlib, imported only
+  when called; recjax does not depend on it).
+
+Example:
+  >>> import recjax as rj
+  >>> from recjax import debug
+  >>> forest = rj.Forest.from_parents([-1, 0, 0, 2, 2])
+  >>> print(debug.plan_summary(forest))  # doctest: +NORMALIZE_WHITESPACE, +ELLIPSIS
+  Forest(num_nodes=5, num_roots=1, steps=2): 5 nodes (3 leaves, 2 internal), height 2
+  part     levels  width  steps  rows  nodes  padding
+  leaves   0           -      -     3      3     0.0%
+  phase 1  1-2         8      2    16      2    87.5%
+  total    0-2                2    19      5    73.7%
+  2 sequential steps after the leaves; 6 node rows (bucket); edge slots per step: ...
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._executor import Edges
+from ._forest import Forest
+from ._tracer import Recursive, _is_array, _replace, _show, _Static
+
+__all__ = ["draw_plan", "plan_summary", "print_templates"]
+
+
+# ---------------------------------------------------------------------- templates
+
+
+def _describe(signature) -> str:
+    if signature == 0:
+        return "leaf (signature 0)"
+    if signature == "map":
+        return 'internal node of any arity (signature "map", node.children.map)'
+    noun = "child" if signature == 1 else "children"
+    return f"internal node with {signature} {noun} (signature {signature})"
+
+
+def _arg_names(fn: Recursive, args: tuple, kwargs: dict) -> tuple[list, dict]:
+    """Display names of the arguments: parameter names for positional ones, keys for keywords."""
+    try:
+        params = list(inspect.signature(fn.fn).parameters.values())
+    except (TypeError, ValueError):  # builtins, odd callables
+        params = []
+    names = []
+    for i in range(len(args)):
+        p = params[i] if i < len(params) else None
+        usable = p is not None and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        names.append(p.name if usable else f"args[{i}]")
+    return names, {k: k for k in kwargs}
+
+
+def _leaf_names(prefix: str, tree: Any) -> list[str]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [prefix + jax.tree_util.keystr(path) for path, _ in flat]
+
+
+def _prepare(fn: Recursive, args: tuple, kwargs: dict):
+    """What ``fn.batch(*args, **kwargs)`` computes before it executes (mirrors ``batch``)."""
+    if not isinstance(fn, Recursive):
+        raise TypeError(
+            f"print_templates takes a @recjax.recursive function; got a {type(fn).__name__}. "
+            "Decorate the function with @rj.recursive first."
+        )
+    pos, forest = fn._find_node(
+        args,
+        kwargs,
+        (Forest,),
+        "pass the arguments of fn.batch(...), with exactly one rj.Forest "
+        "(build one with rj.Forest.from_trees([...])).",
+    )
+    rest = _replace(args, kwargs, pos, None)
+    leaves, treedef = jax.tree.flatten(rest)
+    dynamic = [x for x in leaves if _is_array(x)]
+    static_leaves = tuple(None if _is_array(x) else x for x in leaves)
+    try:
+        hash(static_leaves)
+    except TypeError:
+        raise TypeError(
+            f"{fn._name}: non-array arguments must be hashable (they are compile-time "
+            "constants); pass arrays for values that change."
+        ) from None
+    meta = forest._meta
+    data_spec = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), forest._arrays["data"]
+    )
+    dyn_spec = tuple(jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)) for x in dynamic)
+    static = _Static(pos, treedef, static_leaves, (meta.key, meta.arities), None, None)
+    mode, out_spec = fn._signatures(static, meta, dyn_spec, data_spec)
+    # Names of the traced inputs, in the order the templates take them.
+    names, kw_names = _arg_names(fn, args, kwargs)
+    named = _replace(tuple(names), kw_names, pos, None)
+    flat_rest, _ = jax.tree_util.tree_flatten_with_path(rest)
+    dyn_names = []
+    for path, leaf in flat_rest:
+        if _is_array(leaf):
+            head, *tail = path  # (args or kwargs, position or key, ...)
+            first, *more = tail
+            key = first.idx if hasattr(first, "idx") else first.key
+            base = named[0][key] if head.idx == 0 else named[1][key]
+            dyn_names.append(base + jax.tree_util.keystr(tuple(more)))
+    return forest, static, dynamic, dyn_names, mode, out_spec
+
+
+def print_templates(fn: Recursive, *args: Any, **kwargs: Any) -> None:
+    """Prints the jaxpr of every template ``fn.batch(*args, **kwargs)`` would run.
+
+    The tracer turns ``fn`` into one pure function ``(arguments, node data, children's
+    outputs) -> output`` per node signature: ``0`` for a leaf, ``k`` for ``k`` children
+    when ``fn`` iterates, indexes or measures ``node.children``, ``"map"`` for every
+    internal node when it uses ``node.children.map``. This prints, for each signature
+    the forest needs, the jaxpr of that function for one node (``jax.make_jaxpr``),
+    preceded by the names of its inputs in order. The executor runs each template
+    ``vmap``-ed over the rows of a step. A ``"map"`` template is shown for a node that
+    owns every edge slot (as many as the forest's largest arity); batched, its
+    ``custom_vmap_call`` becomes segment reductions over a step's edges.
+
+    Nothing is compiled or executed; ``fn``'s public behaviour is unchanged.
+
+    Args:
+      fn: a ``@recjax.recursive`` function.
+      *args, **kwargs: the arguments of ``fn.batch``, with one ``rj.Forest``.
+
+    Raises:
+      TypeError, ValueError: what ``fn.batch`` raises for these arguments.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import recjax as rj
+      >>> @rj.recursive
+      ... def total(w, node):
+      ...     return w * node.data + node.children.map(lambda c: total(w, c)).sum()
+      >>> forest = rj.Forest.from_trees([rj.Tree(1.0, [rj.Tree(2.0), rj.Tree(3.0)])])
+      >>> print_templates(total, jnp.float32(2.0), forest)  # doctest: +ELLIPSIS
+      total over Forest(num_nodes=3, num_roots=1, steps=1): 2 templates; every node returns float32[]
+      == leaf (signature 0)
+      inputs: w float32[], node.data float32[]
+      { lambda ; a:f32[] b:f32[]. let
+          c:f32[] = mul a b
+      ...
+      == internal node of any arity (signature "map", node.children.map)
+      inputs: w float32[], node.data float32[], children float32[2], edge_segment int32[2], row int32[]
+      { lambda ; a:f32[] b:f32[] c:f32[2] d:i32[2] e:i32[]. let
+      ...custom_vmap_call...
+    """
+    forest, static, dynamic, dyn_names, mode, out_spec = _prepare(fn, args, kwargs)
+    data = jax.tree.map(lambda a: np.asarray(a[0]), forest._arrays["data"])
+
+    def zeros(lead):
+        return jax.tree.map(lambda s: np.zeros(lead + s.shape, s.dtype), out_spec)
+
+    signatures = [0] + (["map"] if mode == "map" else list(mode))
+    plural = "s" if len(signatures) > 1 else ""
+    print(
+        f"{fn._name} over {forest!r}: {len(signatures)} template{plural}; "
+        f"every node returns {_show(out_spec)}"
+    )
+    inputs = [f"{n} {_show(jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)))}"
+              for n, x in zip(dyn_names, dynamic)]
+    inputs += [f"{n} {_show(jax.ShapeDtypeStruct(np.shape(x), x.dtype))}"
+               for n, x in zip(_leaf_names("node.data", data), jax.tree.leaves(data))]
+    for signature in signatures:
+        template = fn._template(static, signature)
+        if signature == 0:
+            children, named = None, {}
+        elif signature == "map":
+            degree = np.diff(forest.child_ptr) if forest.child_ptr is not None else np.ones(1)
+            num_edges = max(int(degree.max()), 1)
+            outputs = zeros((num_edges,))
+            children = (Edges(outputs, np.zeros(num_edges, np.int32)), np.int32(0))
+            named = dict(zip(_leaf_names("children", outputs), jax.tree.leaves(outputs)))
+            named.update(edge_segment=children[0].segment, row=children[1])
+        else:
+            children = tuple(zeros(()) for _ in range(signature))
+            named = dict(zip(_leaf_names("children", children), jax.tree.leaves(children)))
+        extra = [f"{n} {_show(jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype))}"
+                 for n, x in named.items()]
+        jaxpr = jax.make_jaxpr(template)(list(dynamic), data, children)
+        print(f"== {_describe(signature)}")
+        print("inputs: " + (", ".join(inputs + extra) or "(none)"))
+        print(jaxpr)
+
+
+# ---------------------------------------------------------------------- the plan
+
+
+def _plan_parts(forest: Forest):
+    """Per part of the plan: (name, levels, width, steps, rows, real nodes, grid of real rows)."""
+    plan = forest.plan
+    key = plan.key
+    height = np.asarray(plan.height)
+    num_leaves = int(np.count_nonzero(height == 0))
+    leaf_real = np.arange(key.num_leaf_rows) < num_leaves
+    parts = [("leaves", (0, 0), None, None, key.num_leaf_rows, num_leaves, leaf_real)]
+    for i, (pk, tables) in enumerate(zip(key.phases, plan.phases), 1):
+        real = np.asarray(tables.degree) > 0  # [steps, width]; padding rows have no children
+        nodes = np.asarray(tables.node)[real]
+        levels = (int(height[nodes].min()), int(height[nodes].max())) if nodes.size else None
+        parts.append((f"phase {i}", levels, pk.width, pk.steps, pk.width * pk.steps,
+                      int(real.sum()), real))
+    return parts
+
+
+def _levels(levels) -> str:
+    if levels is None:
+        return "-"
+    low, high = levels
+    return str(low) if low == high else f"{low}-{high}"
+
+
+def _pct(rows: int, nodes: int) -> str:
+    return f"{100.0 * (rows - nodes) / rows:.1f}%" if rows else "-"
+
+
+def plan_summary(forest: Forest) -> str:
+    """A table of a forest's plan: levels, phases, widths, steps, rows and padding.
+
+    The executor computes every leaf in one batched op (``leaves``), then runs one
+    ``lax.scan`` per phase: ``steps`` steps of ``width`` rows each, levels in increasing
+    height. ``rows`` is what is computed, ``nodes`` how many of those rows are real
+    nodes; ``padding`` is the share of computed rows that are padding (bucketed step
+    counts and partly filled steps). Host only, not jittable.
+
+    Args:
+      forest: a Forest built on the host (``from_trees``, ``from_parents``, ...).
+
+    Returns:
+      The table as a string (print it).
+
+    Example:
+      >>> import recjax as rj
+      >>> chain = rj.Forest.from_parents([-1, 0, 1, 2, 3, 4])
+      >>> print(plan_summary(chain))  # doctest: +NORMALIZE_WHITESPACE, +ELLIPSIS
+      Forest(num_nodes=6, num_roots=1, steps=6): 6 nodes (1 leaves, 5 internal), height 5
+      part     levels  width  steps  rows  nodes  padding
+      leaves   0           -      -     1      1     0.0%
+      phase 1  1-5         8      6    48      5    89.6%
+      total    0-5                6    49      6    87.8%
+      6 sequential steps after the leaves; 6 node rows (bucket); edge slots per step: ...
+    """
+    plan = forest.plan
+    key = plan.key
+    height = np.asarray(plan.height)
+    n = height.size
+    num_leaves = int(np.count_nonzero(height == 0))
+    head = f"{forest!r}: {n} nodes ({num_leaves} leaves, {n - num_leaves} internal)"
+    lines = [f"{head}, height {int(height.max())}"]
+    if forest.num_nodes > n:
+        lines[0] += f"; {forest.num_nodes - n} padding nodes (padded)"
+    rows = [("part", "levels", "width", "steps", "rows", "nodes", "padding")]
+    for name, levels, width, steps, nrows, nodes, _ in _plan_parts(forest):
+        width_s = "-" if width is None else str(width)
+        steps_s = "-" if steps is None else str(steps)
+        rows.append((name, _levels(levels), width_s, steps_s, str(nrows), str(nodes),
+                     _pct(nrows, nodes)))
+    total_rows = key.num_buffer_rows
+    rows.append(("total", _levels((0, int(height.max()))), "", str(plan.num_steps),
+                 str(total_rows), str(n), _pct(total_rows, n)))
+    widths = [max(len(r[j]) for r in rows) for j in range(len(rows[0]))]
+    for r in rows:
+        cells = [r[0].ljust(widths[0]), r[1].ljust(widths[1])]
+        cells += [c.rjust(w) for c, w in zip(r[2:], widths[2:])]
+        lines.append("  ".join(cells).rstrip())
+    edges = ", ".join(str(p.edges) for p in key.phases) or "-"
+    lines.append(f"{plan.num_steps} sequential steps after the leaves; {key.num_node_rows} node "
+                 f"rows (bucket); edge slots per step: {edges}")
+    return "\n".join(lines)
+
+
+def draw_plan(forest: Forest, ax: Any = None) -> Any:
+    """Draws a forest's plan: one column per step, one bar segment per run of rows.
+
+    Column ``leaves`` is the batched leaf op; then one column per scan step, phase after
+    phase (dashed lines mark the phase boundaries, labelled with their width). The y axis
+    is the row within the step, colored by real node or padding; it is linear up to 8
+    rows and logarithmic above when the widths differ a lot, so that narrow steps stay
+    visible next to a wide leaf op. Imports matplotlib (not a dependency of recjax:
+    ``pip install matplotlib``).
+
+    Args:
+      forest: a Forest built on the host.
+      ax: a matplotlib ``Axes`` to draw on; a new figure's when ``None``.
+
+    Returns:
+      The ``Axes``.
+    """
+    import matplotlib.pyplot as plt  # lazily: recjax does not depend on matplotlib
+    from matplotlib.patches import Patch
+
+    parts = _plan_parts(forest)
+    columns = [parts[0][6]]  # per column: bool [rows], True for a real node
+    bounds = []
+    for _, _, width, nsteps, _, _, real in parts[1:]:
+        bounds.append((len(columns), len(columns) + nsteps, width))
+        columns.extend(real)
+    steps = len(columns) - 1
+    if ax is None:
+        _, ax = plt.subplots(figsize=(min(3 + 0.3 * len(columns), 14), 4))
+    colors = {True: "tab:blue", False: "lightgray"}
+    for x, real in enumerate(columns):
+        # Runs of equal values along the rows: one bar segment each.
+        change = np.flatnonzero(np.diff(real.astype(np.int8))) + 1
+        starts = np.r_[0, change]
+        stops = np.r_[change, real.size]
+        ax.bar(np.full(starts.size, x), stops - starts, bottom=starts, width=0.85,
+               color=[colors[bool(real[s])] for s in starts], linewidth=0)
+    tallest = max(c.size for c in columns)
+    narrowest = min(c.size for c in columns)
+    if tallest > 8 * narrowest:
+        ax.set_yscale("symlog", linthresh=8, linscale=0.5)
+        ticks = [t for t in (0, 8, 32, 128, 512, 2048, 8192, 32768, 131072) if t <= tallest]
+        ax.set_yticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+    ax.set_ylim(0, tallest * (1.6 if tallest > 8 * narrowest else 1.15))
+    ax.axvline(0.5, color="black", linewidth=1)
+    for start, stop, width in bounds:
+        if stop < len(columns):
+            ax.axvline(stop - 0.5, color="black", linestyle="--", linewidth=1)
+        ax.text((start + stop - 1) / 2, width, f"width {width}", ha="center", va="bottom",
+                fontsize=8)
+    every = max(1, -(-steps // 16))
+    ticks = [0] + list(range(every, steps + 1, every))
+    ax.set_xticks(ticks)
+    ax.set_xticklabels(["leaves"] + [str(t) for t in ticks[1:]])
+    ax.set_xlim(-0.6, steps + 0.6)
+    ax.set_xlabel("scan step (after the batched leaf op)")
+    ax.set_ylabel("row within the step")
+    n = forest.plan.height.size
+    rows = forest.plan.key.num_buffer_rows
+    ax.set_title(f"{n} nodes, {rows} rows ({_pct(rows, n)} padding), {steps} steps")
+    handles = [Patch(color="tab:blue", label="node"), Patch(color="lightgray", label="padding")]
+    ax.legend(handles=handles, loc="upper right", fontsize=8, framealpha=0.9)
+    return ax
