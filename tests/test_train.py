@@ -42,12 +42,20 @@ def test_epoch_covers_every_tree_once_and_reshuffles():
     assert again.tolist() == seen[0].tolist()
 
 
-def test_grouping_by_size_gives_few_shapes():
+def test_windows_give_few_shapes_and_little_padding():
     rng = np.random.default_rng(1)
     trees = [random_binary_tree(rng, int(rng.integers(1, 57))) for _ in range(600)]
-    shapes = lambda it: {(b.forest._meta, b.forest.roots.shape) for b in it}  # noqa: E731
-    grouped = shapes(batches(trees, 32, window=8))
-    assert len(grouped) <= 3  # one per window of 8 batches (19 batches -> 3 windows)
+
+    def stats(**kw):
+        out = list(batches(trees, 32, window=8, **kw))
+        rows = sum(b.forest.plan.key.num_buffer_rows for b in out)
+        real = sum(int(b.forest.node_mask.sum()) for b in out)
+        return len({(b.forest._meta, b.forest.roots.shape) for b in out}), rows / real
+
+    shapes, waste = stats()
+    assert shapes <= 3  # one per window of 8 batches (19 batches -> 3 windows)
+    _, sorted_waste = stats(group_by_size=True)
+    assert waste < sorted_waste  # random batches pad together more tightly
 
 
 def test_many_batches_through_the_thread_are_all_correct():
