@@ -351,7 +351,12 @@ def check_plan(plan, child_ptr, child_idx, n):
         used[e_step, e_pos] = True
         used[pad_step, pad_pos] = True
         assert used.sum() == deg.sum() + pad_step.size  # no two edges share a slot
-        assert (t.edge_segment[~used] == K).all() and (t.edge_child[~used] == 0).all()
+        # unused slots are dropped by segment ops; they read the child of the last row's
+        # first slot (the row whose node-level values they borrow), never another tree's
+        last_first = t.edge_child[np.arange(S), t.edge_start[:, K - 1]]
+        unused_step = np.nonzero(~used)[0]
+        assert (t.edge_segment[~used] == K).all()
+        assert np.array_equal(t.edge_child[~used], last_first[unused_step])
         base += S * K
     assert base == num_rows
     internal = np.sort(np.concatenate(seen)) if seen else np.zeros(0, dtype=np.int64)
