@@ -451,6 +451,12 @@ class Recursive:
           >>> depth.batch(f).tolist()
           [2.0, 0.0, 1.0, 0.0]
         """
+        prepared = self._prepare(args, kwargs)
+        out = self._jit_execute(prepared.static, prepared.dynamic, prepared.forest._arrays)
+        return jax.tree.map(lambda o: o[: prepared.forest.num_nodes], out)
+
+    def _prepare(self, args, kwargs) -> _Prepared:
+        """What ``batch`` computes on the host before it executes (also used by ``debug``)."""
         pos, forest = self._find_node(
             args,
             kwargs,
@@ -484,8 +490,7 @@ class Recursive:
         mode, out_spec = self._signatures(static, meta, dyn_spec, data_spec)
         flat_spec = (jax.tree.structure(out_spec), tuple(jax.tree.leaves(out_spec)))  # hashable
         static = static._replace(mode=mode, out_spec=flat_spec)
-        out = self._jit_execute(static, dynamic, forest._arrays)
-        return jax.tree.map(lambda o: o[: meta.num_nodes], out)
+        return _Prepared(pos, forest, rest, dynamic, static, out_spec)
 
     # ------------------------------------------------------------------ templates
 
@@ -661,6 +666,17 @@ class _Static(NamedTuple):
     meta: tuple  # (plan key, arities): the bucket, never the exact node count
     mode: Any  # "map" or the tuple of arities traced separately
     out_spec: Any  # (treedef, leaf ShapeDtypeStructs) of one node's output
+
+
+class _Prepared(NamedTuple):
+    """A batched call resolved on the host: everything but the device work."""
+
+    pos: int | str
+    forest: Forest
+    rest: tuple  # (args, kwargs) with the node replaced by None
+    dynamic: list  # the traced (array) leaves of ``rest``
+    static: _Static  # the executor's jit static argument, signatures resolved
+    out_spec: Any  # one node's output structure (ShapeDtypeStructs)
 
 
 def _replace(args, kwargs, pos, value):

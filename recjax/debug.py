@@ -34,7 +34,7 @@ import numpy as np
 
 from ._executor import Edges
 from ._forest import Forest
-from ._tracer import Recursive, _is_array, _replace, _show, _Static
+from ._tracer import Recursive, _is_array, _replace, _show
 
 __all__ = ["draw_plan", "plan_summary", "print_templates"]
 
@@ -77,31 +77,9 @@ def _prepare(fn: Recursive, args: tuple, kwargs: dict):
             f"print_templates takes a @recjax.recursive function; got a {type(fn).__name__}. "
             "Decorate the function with @rj.recursive first."
         )
-    pos, forest = fn._find_node(
-        args,
-        kwargs,
-        (Forest,),
-        "pass the arguments of fn.batch(...), with exactly one rj.Forest "
-        "(build one with rj.Forest.from_trees([...])).",
-    )
-    rest = _replace(args, kwargs, pos, None)
-    leaves, treedef = jax.tree.flatten(rest)
-    dynamic = [x for x in leaves if _is_array(x)]
-    static_leaves = tuple(None if _is_array(x) else x for x in leaves)
-    try:
-        hash(static_leaves)
-    except TypeError:
-        raise TypeError(
-            f"{fn._name}: non-array arguments must be hashable (they are compile-time "
-            "constants); pass arrays for values that change."
-        ) from None
-    meta = forest._meta
-    data_spec = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), forest._arrays["data"]
-    )
-    dyn_spec = tuple(jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)) for x in dynamic)
-    static = _Static(pos, treedef, static_leaves, (meta.key, meta.arities), None, None)
-    mode, out_spec = fn._signatures(static, meta, dyn_spec, data_spec)
+    prepared = fn._prepare(args, kwargs)
+    pos, forest, rest, dynamic, static = prepared[:5]
+    mode, out_spec = static.mode, prepared.out_spec
     # Names of the traced inputs, in the order the templates take them.
     names, kw_names = _arg_names(fn, args, kwargs)
     named = _replace(tuple(names), kw_names, pos, None)

@@ -122,7 +122,7 @@ def test_print_templates_errors():
     forest = rj.Forest.from_parents([-1, 0])
     with pytest.raises(TypeError, match="@recjax.recursive"):
         debug.print_templates(lambda node: node, forest)
-    with pytest.raises(TypeError, match="no node argument"):
+    with pytest.raises(TypeError, match="takes a Forest, not a Tree"):
         debug.print_templates(total, jnp.float32(1.0), rj.Tree(1.0))
 
     @rj.recursive
