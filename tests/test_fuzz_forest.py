@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import recjax as rj
+from models import node_subtrees
 from test_properties import check_plan
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -312,20 +313,6 @@ def tree_inputs(draw):
     return trees, valid
 
 
-def pre_order(trees):
-    seen, out = set(), []
-    for t in trees:
-        stack = [t]
-        while stack:
-            node = stack.pop()
-            if id(node) in seen:
-                continue
-            seen.add(id(node))
-            out.append(node)
-            stack.extend(reversed(node.children))
-    return out
-
-
 @given(case=tree_inputs())
 @settings(max_examples=150, **SETTINGS)
 def test_from_trees_fuzz(case):
@@ -333,4 +320,4 @@ def test_from_trees_fuzz(case):
     forest = construct(lambda: rj.Forest.from_trees(trees))
     assert (forest is not None) == valid, "a valid input was rejected" if valid else "an invalid input was accepted"
     if forest is not None:
-        check_valid(forest, pre_order(trees))
+        check_valid(forest, node_subtrees(trees))
