@@ -1,4 +1,12 @@
-"""Execute: run the templates over a plan in one program (leaves, then a scan per phase)."""
+"""Execute: run the templates over a plan in one program, bottom-up or top-down.
+
+A program is a list of passes. A pass computes one or more functions at every node,
+either bottom-up (leaves in one batched op, then a ``lax.scan`` per phase) or top-down
+(roots in one batched op, the phases' scans in reverse, then the leaves). Each function
+owns a buffer of ``PlanKey.num_buffer_rows`` rows laid out as the plan says; templates
+read any buffer (their own children's or parent's rows, another function's rows) through
+``env``, a dict from function id to buffer, and every row of a buffer is written once.
+"""
 
 from __future__ import annotations
 
@@ -12,80 +20,216 @@ from ._planner import PlanKey
 
 
 class Edges(NamedTuple):
-    """The child slots of one step, for ``children.map``: ``[E]`` leading axes."""
+    """The child slots of one step, for ``children.map``: ``[E]`` arrays, not per row."""
 
-    outputs: Any  # the children's outputs (a pytree like the function's output)
-    segment: jax.Array  # int32, the row owning each slot; the step width for padding
+    rows: jax.Array  # int32, the buffer row of the child on each slot
+    segment: jax.Array  # int32, the row (0..K-1) owning each slot; K for unused slots
+    position: jax.Array  # int32, the child's index among its parent's children
 
 
-def apply_template(template, signature, dynamic, data, children, num_rows: int):
-    """Evaluates one signature's template on ``num_rows`` rows.
+class PassFn(NamedTuple):
+    """One function of a pass: its id, templates by signature, and output structure.
 
-    ``data`` and, for a fixed arity, ``children`` (a tuple of output pytrees) have a
-    leading row axis; for ``"map"`` the children are the step's ``Edges`` (no row axis).
-    The row index is always mapped, so this works for forests without data.
+    Bottom-up signatures: ``0`` (leaf), ``"map"`` (any arity) or ``k`` (k children).
+    Top-down signatures: ``(is_root, is_leaf)`` with ``is_leaf`` ``None`` when the
+    function does not read it.
     """
-    rows = jnp.arange(num_rows, dtype=jnp.int32)
-    if signature == "map":
-        return jax.vmap(lambda d, r: template(dynamic, d, (children, r)))(data, rows)
-    return jax.vmap(lambda d, c, r: template(dynamic, d, c))(data, children, rows)
+
+    fid: int
+    templates: dict
+    out_spec: Any
 
 
-def execute(templates: dict, dynamic, arrays: dict, key: PlanKey, out_spec) -> Any:
-    """Computes every node's output; returns a pytree of ``[key.num_node_rows, ...]`` arrays.
+class RowTables(NamedTuple):
+    """Per-buffer-row facts a template may read through its ``ctx``: ``[num_buffer_rows]``."""
+
+    node: jax.Array  # node whose data the row reads
+    parent: jax.Array  # the parent's row; a root's own row; for padding a real root's row
+    index: jax.Array  # position among the parent's children (0 for roots and padding)
+
+
+def apply_template(template, dynamic, env, data, ctx, edges=None):
+    """Evaluates a template on a batch of rows: ``data`` and ``ctx`` have a row axis.
+
+    ``ctx`` always holds the rows' own buffer ``row`` (so this works for forests
+    without data); ``dynamic``, ``env`` and ``edges`` are shared by every row.
+    """
+    return jax.vmap(lambda d, c: template(dynamic, env, d, c, edges))(data, ctx)
+
+
+def row_tables(arrays: dict, key: PlanKey) -> RowTables:
+    """Each row's node, parent row and child index, from the plan's edge tables (in jax).
+
+    Only top-down passes and ``node.index`` need these; a forest whose nodes have several
+    parents is rejected before (a row would have several parents).
+    """
+    num_rows = key.num_buffer_rows
+    node = jnp.concatenate(
+        [arrays["leaf_node"]] + [t["node"].reshape(-1) for t in arrays["phases"]]
+    )
+    # Roots and padding: the row of the root of the row's data node (a real, already
+    # computed row of the same tree); a root's parent is itself.
+    parent = arrays["row_of_node"][arrays["roots"][arrays["tree_of"][node]]]
+    index = jnp.zeros(num_rows, jnp.int32)
+    base = key.num_leaf_rows
+    for phase, t in zip(key.phases, arrays["phases"]):
+        steps = jnp.arange(phase.steps, dtype=jnp.int32)[:, None]
+        seg = t["edge_segment"]
+        owner = jnp.minimum(seg, phase.width - 1)
+        real = (seg < phase.width) & (jnp.take_along_axis(t["degree"], owner, 1) > 0)
+        child = jnp.where(real, t["edge_child"], num_rows)  # out of range: dropped
+        position = jnp.arange(phase.edges, dtype=jnp.int32)[None, :] - jnp.take_along_axis(
+            t["edge_start"], owner, 1
+        )
+        parent = parent.at[child].set(base + steps * phase.width + owner, mode="drop")
+        index = index.at[child].set(position, mode="drop")
+        base += phase.steps * phase.width
+    return RowTables(node, parent, index)
+
+
+def edge_positions(tables: dict, num_edges: int) -> jax.Array:
+    """``[S, E]`` index of each edge slot's child among its row's children."""
+    owner = jnp.minimum(tables["edge_segment"], tables["degree"].shape[1] - 1)
+    start = jnp.take_along_axis(tables["edge_start"], owner, 1)
+    return jnp.arange(num_edges, dtype=jnp.int32)[None, :] - start
+
+
+def run_up(fns: list[PassFn], dynamic, env: dict, arrays: dict, key: PlanKey, rows: RowTables | None):
+    """Computes a bottom-up pass; returns ``{fid: buffer}`` for the pass's functions.
 
     Equivalent program::
 
-      buffer[leaf rows] = vmap(templates[0])(data[leaf nodes])
+      for f in fns: buffer_f[leaf rows] = vmap(f.templates[0])(data[leaf nodes])
       for each phase, for each step t (a lax.scan):
-        rows = the step's block of `width` rows
-        buffer[rows] = vmap(template)(data[nodes of rows], buffer[children of rows])
-      return buffer[row_of_node]
-
-    Args:
-      templates: ``{0: leaf, k: k-ary, ...}`` or ``{0: leaf, "map": any arity}``.
-      dynamic: the traced non-node arguments.
-      arrays: the Forest's arrays (padded data and the plan tables).
-      key: the plan's static sizes.
-      out_spec: the output structure (ShapeDtypeStructs of one node's output).
+        for f in fns (in order, so f may read g's rows of this step when g comes first):
+          buffer_f[rows of t] = vmap(f's template)(data[nodes of t], children's rows)
     """
     data = arrays["data"]
-    take = lambda tree, idx: jax.tree.map(lambda a: a[idx], tree)  # noqa: E731
+    take = lambda tree, idx: jax.tree.map(lambda a: a[idx], tree)
+    state = {
+        f.fid: jax.tree.map(lambda s: jnp.zeros((key.num_buffer_rows,) + s.shape, s.dtype), f.out_spec)
+        for f in fns
+    }
 
-    leaf_out = apply_template(
-        templates[0], 0, dynamic, take(data, arrays["leaf_node"]), None, key.num_leaf_rows
-    )
-    buffer = jax.tree.map(
-        lambda o, s: jnp.zeros((key.num_buffer_rows,) + s.shape, s.dtype)
-        .at[: key.num_leaf_rows]
-        .set(o.astype(s.dtype)),
-        leaf_out,
-        out_spec,
-    )
+    leaf_rows = jnp.arange(key.num_leaf_rows, dtype=jnp.int32)
+    ctx = _ctx(leaf_rows, rows)
+    leaf_data = take(data, arrays["leaf_node"])
+    for f in fns:
+        out = apply_template(f.templates[0], dynamic, {**env, **state}, leaf_data, ctx)
+        state[f.fid] = _write_all(state[f.fid], out, 0)
 
     base = key.num_leaf_rows
     for phase, tables in zip(key.phases, arrays["phases"]):
-        step_data = take(data, tables["node"])  # [S, K, ...], gathered once, outside the loop
         xs = (
-            step_data,
+            take(data, tables["node"]),  # [S, K, ...], gathered once, outside the loop
             tables["degree"],
             tables["edge_start"],
             tables["edge_child"],
             tables["edge_segment"],
+            edge_positions(tables, phase.edges),
             jnp.arange(phase.steps, dtype=jnp.int32),
         )
 
-        def step(buffer, x, base=base, width=phase.width):
-            data_t, degree, start, edge_child, segment, t = x
-            out = _compute_rows(templates, dynamic, buffer, data_t, degree, start, edge_child, segment)
+        def step(state, x, base=base, width=phase.width):
+            data_t, degree, start, edge_child, segment, position, t = x
             first = base + t * width
-            buffer = jax.tree.map(lambda b, o: _write_rows(b, o.astype(b.dtype), first), buffer, out)
-            return buffer, None
+            own = first + jnp.arange(width, dtype=jnp.int32)
+            edges = Edges(edge_child, segment, position)
+            for f in fns:
+                out = _compute_up(f, dynamic, {**env, **state}, data_t, _ctx(own, rows), degree, start, edges)
+                state = {**state, f.fid: _write_all(state[f.fid], out, first)}
+            return state, None
 
-        buffer, _ = lax.scan(step, buffer, xs)
+        state, _ = lax.scan(step, state, xs)
         base += phase.steps * phase.width
+    return state
 
-    return take(buffer, arrays["row_of_node"])
+
+def run_down(fns: list[PassFn], dynamic, env: dict, arrays: dict, key: PlanKey, rows: RowTables):
+    """Computes a top-down pass; returns ``{fid: buffer}`` for the pass's functions.
+
+    Equivalent program::
+
+      for f in fns: root_f[root rows] = vmap(f's root template)(data[roots])
+      for each phase in reverse, for each step t in reverse (a lax.scan):
+        for f in fns:
+          out = vmap(f's inner template)(data[nodes of t], parents' rows)
+          buffer_f[rows of t] = where(row is a root, root_f[rows of t], out)
+      for f in fns: the same on the leaf rows (one batched op)
+
+    Roots live in a separate buffer so that every row of ``buffer_f`` is written once.
+    """
+    data = arrays["data"]
+    take = lambda tree, idx: jax.tree.map(lambda a: a[idx], tree)
+    zeros = lambda f: jax.tree.map(
+        lambda s: jnp.zeros((key.num_buffer_rows,) + s.shape, s.dtype), f.out_spec
+    )
+    num_leaf_rows = key.num_leaf_rows
+
+    # Roots: one batched op. A root reads its own row for "the parent" (never used).
+    root_rows = arrays["row_of_node"][arrays["roots"]]
+    ctx = _ctx(root_rows, rows)
+    root_data = take(data, arrays["roots"])
+    is_leaf = root_rows < num_leaf_rows
+    # Padding root slots write nowhere (a duplicate row would double its gradient).
+    write_rows = jnp.where(arrays["root_mask"], root_rows, key.num_buffer_rows)
+    roots = {}
+    for f in fns:
+        out = _select_leaf(f, (True,), dynamic, {**env, **roots}, root_data, ctx, is_leaf)
+        roots[f.fid] = jax.tree.map(
+            lambda z, o: z.at[write_rows].set(o.astype(z.dtype), mode="drop"), zeros(f), out
+        )
+
+    def compute(state, rows_t, data_t, leaf):
+        ctx = _ctx(rows_t, rows)
+        is_root = rows.parent[rows_t] == rows_t
+        for f in fns:
+            o = _select_leaf(f, (False,), dynamic, {**env, **state}, data_t, ctx, leaf)
+            kept = jax.tree.map(lambda r: r[rows_t], roots[f.fid])
+            o = jax.tree.map(lambda a, b: jnp.where(_rows_mask(is_root, a), b, a.astype(b.dtype)), o, kept)
+            state = {**state, f.fid: _write_all(state[f.fid], o, rows_t[0])}
+        return state
+
+    state = {f.fid: zeros(f) for f in fns}
+    base = key.num_buffer_rows
+    for phase, tables in reversed(list(zip(key.phases, arrays["phases"]))):
+        base -= phase.steps * phase.width
+        xs = (take(data, tables["node"]), jnp.arange(phase.steps, dtype=jnp.int32))
+
+        def step(state, x, base=base, width=phase.width):
+            data_t, t = x
+            rows_t = base + t * width + jnp.arange(width, dtype=jnp.int32)
+            return compute(state, rows_t, data_t, jnp.zeros(width, bool)), None
+
+        state, _ = lax.scan(step, state, xs, reverse=True)
+    leaf_rows = jnp.arange(num_leaf_rows, dtype=jnp.int32)
+    return compute(state, leaf_rows, take(data, arrays["leaf_node"]), jnp.ones(num_leaf_rows, bool))
+
+
+def _ctx(own, rows: RowTables | None) -> dict:
+    """The per-row context templates receive: own row, and parent/index when planned."""
+    ctx = {"row": own}
+    if rows is not None:
+        ctx["parent"] = rows.parent[own]
+        ctx["index"] = rows.index[own]
+    return ctx
+
+
+def _rows_mask(mask, a):
+    return mask.reshape(mask.shape + (1,) * (a.ndim - 1))
+
+
+def _select_leaf(f: PassFn, prefix: tuple, dynamic, env, data, ctx, is_leaf):
+    """A top-down function's output: one template, or two selected by ``is_leaf``."""
+    if prefix + (None,) in f.templates:
+        return apply_template(f.templates[prefix + (None,)], dynamic, env, data, ctx)
+    leaf = apply_template(f.templates[prefix + (True,)], dynamic, env, data, ctx)
+    inner = apply_template(f.templates[prefix + (False,)], dynamic, env, data, ctx)
+    return jax.tree.map(lambda a, b: jnp.where(_rows_mask(is_leaf, a), a, b), leaf, inner)
+
+
+def _write_all(buffer, rows, first):
+    return jax.tree.map(lambda b, o: _write_rows(b, o.astype(b.dtype), first), buffer, rows)
 
 
 @jax.custom_jvp
@@ -111,30 +255,24 @@ def _write_rows_jvp(primals, tangents):
     return _write_rows(buffer, rows, first), t_out
 
 
-def _compute_rows(templates, dynamic, buffer, data, degree, start, edge_child, segment):
-    """Outputs of one step's ``K`` rows (internal nodes and padding)."""
-    if "map" in templates:
-        edges = Edges(jax.tree.map(lambda b: b[edge_child], buffer), segment)
-        return apply_template(templates["map"], "map", dynamic, data, edges, degree.shape[0])
+def _compute_up(f: PassFn, dynamic, env, data, ctx, degree, start, edges: Edges):
+    """Outputs of one step's ``K`` rows (internal nodes and padding) for function ``f``."""
+    if "map" in f.templates:
+        return apply_template(f.templates["map"], dynamic, env, data, ctx, edges)
     out = None
-    num_edges = edge_child.shape[0]
-    for k, template in sorted((k, t) for k, t in templates.items() if k != 0):
+    num_edges = edges.rows.shape[0]
+    for k, template in sorted((k, t) for k, t in f.templates.items() if k != 0):
         j = jnp.arange(k)[None, :]
         slot = jnp.minimum(start[:, None] + j, num_edges - 1)
         # Rows of another arity run this template too (their result is discarded): their
         # missing children read the row's own first child, so nothing crosses between
         # trees, even as a zero cotangent times a NaN. Padding rows read row 0.
-        own_first = edge_child[start][:, None]
-        rows = jnp.where(j < degree[:, None], edge_child[slot], own_first)
-        children = tuple(jax.tree.map(lambda b: b[rows[:, i]], buffer) for i in range(k))
-        out_k = apply_template(template, k, dynamic, data, children, degree.shape[0])
+        own_first = edges.rows[start][:, None]
+        kids = jnp.where(j < degree[:, None], edges.rows[slot], own_first)
+        out_k = apply_template(template, dynamic, env, data, {**ctx, "children": kids})
         if out is None:
             out = out_k
         else:
             pick = degree == k
-            out = jax.tree.map(
-                lambda a, b: jnp.where(pick.reshape(pick.shape + (1,) * (a.ndim - 1)), a, b),
-                out_k,
-                out,
-            )
+            out = jax.tree.map(lambda a, b, m=pick: jnp.where(_rows_mask(m, a), a, b), out_k, out)
     return out

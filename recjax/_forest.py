@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from . import _planner
@@ -26,6 +28,8 @@ class _Meta:
     arities: tuple[int, ...] | None  # None: more than MAX_SPECIALISED_ARITIES distinct
     # Not compared: used only for error messages while tracing.
     example_node: dict = dataclasses.field(compare=False, hash=False, default_factory=dict)
+    # A node with several parents (-1 if none): top-down passes need a single parent.
+    shared_node: int = dataclasses.field(compare=False, hash=False, default=-1)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -326,11 +330,13 @@ class Forest:
         roots = np.concatenate([roots, np.zeros(root_mask.size - roots.size, roots.dtype)])
         if num_nodes > n:  # padding nodes are leaves in the host view (never computed)
             child_ptr = np.concatenate([child_ptr, np.full(num_nodes - n, child_ptr[-1])])
+        tree_of, shared = _tree_of(child_ptr[: n + 1], child_idx, roots[: int(root_mask.sum())])
         meta = _Meta(
             num_nodes=num_nodes,
             key=plan.key,
             arities=tuple(int(a) for a in arities) if arities.size <= MAX_SPECIALISED_ARITIES else None,
             example_node=example,
+            shared_node=shared,
         )
         pad = plan.key.num_node_rows
         padded = jax.tree.map(lambda a: np.concatenate([a, np.repeat(a[:1], pad - n, 0)]), data)
@@ -339,6 +345,9 @@ class Forest:
             "roots": roots.astype(np.int32),
             "node_mask": node_mask,
             "root_mask": root_mask,
+            "tree_of": np.concatenate(
+                [tree_of, np.full(plan.key.num_node_rows - n, root_mask.size)]
+            ).astype(np.int32),
             "leaf_node": plan.leaf_node,
             "row_of_node": plan.row_of_node,
             "phases": [dataclasses.asdict(t) for t in plan.phases],
@@ -366,6 +375,59 @@ class Forest:
     def root_mask(self):
         """``[len(roots)]`` bool: False for the padding entries that ``padded()`` appends."""
         return self._arrays["root_mask"]
+
+    @property
+    def tree_of(self):
+        """``[num_nodes]`` int32: the tree of every node, as an index into ``roots``.
+
+        A node shared by several trees (a DAG) belongs to the tree of its first parent.
+        Padding nodes (see ``padded``) get ``len(roots)``, which segment ops drop.
+
+        Example:
+          >>> import recjax as rj
+          >>> f = rj.Forest.from_parents([-1, 0, -1, 2, 2])
+          >>> f.tree_of.tolist()
+          [0, 0, 1, 1, 1]
+        """
+        return self._arrays["tree_of"][: self._meta.num_nodes]
+
+    def pool(self, values, op: str = "mean"):
+        """Reduces per-node ``values`` over each tree: ``[len(roots), ...]``, aligned with ``roots``.
+
+        ``values`` is a pytree with leading axis ``num_nodes`` (what ``f.batch`` returns);
+        ``op`` is ``"sum"``, ``"mean"`` or ``"max"``. Works under ``jit``; padding nodes
+        and padding roots contribute nothing (a padding root's entry is 0).
+
+        Example:
+          >>> import jax.numpy as jnp
+          >>> import recjax as rj
+          >>> f = rj.Forest.from_parents([-1, 0, -1, 2, 2])
+          >>> f.pool(jnp.arange(5.0), "sum").tolist()
+          [1.0, 9.0]
+        """
+        if op not in ("sum", "mean", "max"):
+            raise ValueError(f"Forest.pool: op must be 'sum', 'mean' or 'max', not {op!r}.")
+        num = self._arrays["root_mask"].shape[0]
+
+        def one(v):
+            v = jnp.asarray(v)
+            if v.ndim == 0 or v.shape[0] != self._meta.num_nodes:
+                raise ValueError(
+                    f"Forest.pool: values need a leading axis of num_nodes = "
+                    f"{self._meta.num_nodes}, got shape {v.shape}."
+                )
+            seg = self.tree_of
+            if op == "max":
+                out = jax.ops.segment_max(v, seg, num)
+                count = jax.ops.segment_sum(jnp.ones_like(seg), seg, num)
+                return jnp.where((count > 0).reshape((-1,) + (1,) * (v.ndim - 1)), out, 0)
+            out = jax.ops.segment_sum(v, seg, num)
+            if op == "sum":
+                return out
+            count = jax.ops.segment_sum(jnp.ones(seg.shape, v.dtype), seg, num)
+            return out / jnp.maximum(count, 1).reshape((-1,) + (1,) * (v.ndim - 1))
+
+        return jax.tree.map(one, values)
 
     @property
     def data(self):
@@ -402,6 +464,29 @@ class Forest:
 
 
 # ---------------------------------------------------------------------- validation
+
+
+def _tree_of(child_ptr, child_idx, roots) -> tuple[np.ndarray, int]:
+    """Every node's tree (index into ``roots``) and a node with several parents (or -1).
+
+    A node's tree is its first parent's (pointer jumping: O(N log depth), no Python loop
+    over nodes).
+    """
+    n = child_ptr.shape[0] - 1
+    parent = np.repeat(np.arange(n, dtype=np.int64), np.diff(child_ptr))
+    num_parents = np.bincount(child_idx, minlength=n)
+    shared = np.flatnonzero(num_parents > 1)
+    first_parent = np.arange(n, dtype=np.int64)
+    first_parent[child_idx[::-1]] = parent[::-1]  # the last write is the first edge
+    top = first_parent
+    while True:
+        nxt = top[top]
+        if np.array_equal(nxt, top):
+            break
+        top = nxt
+    index = np.zeros(n, dtype=np.int64)
+    index[roots[::-1]] = np.arange(roots.size - 1, -1, -1)  # first occurrence wins
+    return index[top], int(shared[0]) if shared.size else -1
 
 
 def _canonical(a: np.ndarray, where: str) -> np.ndarray:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import functools
 import inspect
 import threading
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,7 @@ from jax.extend.core import ClosedJaxpr, jaxpr_as_fun
 
 from . import _executor
 from ._forest import MAX_SPECIALISED_ARITIES, Forest
-from ._tree import Tree
+from ._tree import Position, Tree
 
 _DATA_FLOW_ERRORS = (
     jax.errors.TracerBoolConversionError,
@@ -37,6 +38,18 @@ class _UsageError(TypeError):
 
 class _NeedsArity(Exception):
     """Internal: the trace of a variable-arity node read the arity; retrace per arity."""
+
+
+class _NeedsLeaf(Exception):
+    """Internal: a top-down trace read ``node.is_leaf``; retrace for leaves and the rest."""
+
+
+class _IsTopDown(Exception):
+    """Internal: a bottom-up trace read ``node.parent`` or ``node.is_root``: retrace top-down."""
+
+    def __init__(self, rec):
+        super().__init__(rec)
+        self.rec = rec
 
 
 class _EmptyReductionError(TypeError):
@@ -61,7 +74,7 @@ def _call_user(frame, fn, args, kwargs, where):
     _frames.stack.append(frame)
     try:
         return fn(*args, **kwargs)
-    except (_NeedsArity, _EmptyReductionError, _UsageError):
+    except (_NeedsArity, _NeedsLeaf, _IsTopDown, _EmptyReductionError, _UsageError):
         raise
     except _DATA_FLOW_ERRORS as e:
         raise TypeError(
@@ -163,54 +176,54 @@ class _ListRagged(Ragged):
 class _SegmentRagged(Ragged):
     """Values of variable-arity nodes, computed over a step's edges with segment ops.
 
-    Inside the template the node axis is ``vmap``-ed away; ``fn`` runs once per edge.
-    The reduction is a ``custom_vmap`` whose rule sees the whole batch of nodes: it
-    gathers the node-level values ``fn`` closes over onto the edges, evaluates ``fn``
-    vectorised over the edges and reduces per node with ``jax.ops.segment_*``.
+    Inside the template the row axis is ``vmap``-ed away; ``fn`` runs once per edge.
+    The reduction is a ``custom_vmap`` whose rule sees the whole batch of rows: it
+    gathers the row-level values ``fn`` closes over onto the edges, evaluates ``fn``
+    vectorised over the edges and reduces per row with ``jax.ops.segment_*``.
     """
 
     def __init__(self, fn, edges: _executor.Edges, row):
-        child_spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), edges.outputs)
-        # make_jaxpr exposes every value fn closes over (node-level tracers included)
-        # as a constant, which we pass explicitly so the vmap rule can gather them.
+        scalar = jax.ShapeDtypeStruct((), jnp.int32)
+        # make_jaxpr exposes every value fn closes over (row-level tracers and the
+        # buffers the child's outputs are read from) as a constant, which we pass
+        # explicitly so the vmap rule can gather the row-level ones onto the edges.
         closed, out_shape = jax.make_jaxpr(
-            lambda out: fn(_SymbolicChild(out)), return_shape=True
-        )(child_spec)
+            lambda r, i: fn(_SymbolicChild(r, i)), return_shape=True
+        )(scalar, scalar)
         self._jaxpr = closed.jaxpr
         self._consts = list(closed.consts)
         self._out_tree = jax.tree.structure(out_shape)
         self._edges = edges
         self._row = row
 
-    def _apply(self, outputs, consts):
-        leaves = jax.tree.leaves(outputs)
-        flat = jaxpr_as_fun(ClosedJaxpr(self._jaxpr, list(consts)))(*leaves)
+    def _apply(self, child_row, child_index, consts):
+        flat = jaxpr_as_fun(ClosedJaxpr(self._jaxpr, list(consts)))(child_row, child_index)
         return jax.tree.unflatten(self._out_tree, flat)
 
     def _reduce(self, op, initial):
         edges = self._edges
 
         @custom_vmap
-        def reduce_one(row, outputs, segment, consts):
-            # Unbatched meaning (used only for shapes): one node owning every edge.
-            values = jax.vmap(self._apply, in_axes=(0, None))(outputs, consts)
+        def reduce_one(row, child_rows, positions, segment, consts):
+            # Unbatched meaning (used only for shapes): one row owning every edge.
+            values = jax.vmap(self._apply, in_axes=(0, 0, None))(child_rows, positions, consts)
             return jax.tree.map(lambda v: _dense_reduce(op, v), values)
 
         @reduce_one.def_vmap
-        def rule(axis_size, in_batched, row, outputs, segment, consts):
-            consts_batched = in_batched[3]
+        def rule(axis_size, in_batched, row, child_rows, positions, segment, consts):
+            consts_batched = in_batched[4]
             # Unused edge slots (segment == axis_size) borrow the last row's values;
             # the segment op drops them. Every row, padding included, owns >= 1 edge.
             owner = jnp.minimum(segment, axis_size - 1)
             edge_consts = [c[owner] if b else c for c, b in zip(consts, consts_batched)]
             axes = [0 if b else None for b in consts_batched]
-            values = jax.vmap(self._apply, in_axes=(0, axes))(outputs, edge_consts)
+            values = jax.vmap(self._apply, in_axes=(0, 0, axes))(child_rows, positions, edge_consts)
             out = jax.tree.map(
                 lambda v: _segment_reduce(op, v, segment, axis_size), values
             )
             return out, jax.tree.map(lambda _: True, out)
 
-        reduced = reduce_one(self._row, edges.outputs, edges.segment, self._consts)
+        reduced = reduce_one(self._row, edges.rows, edges.position, edges.segment, self._consts)
         return _combine(op, reduced, initial)
 
 
@@ -242,6 +255,7 @@ class Children:
     with a weight per child position). ``map(fn)`` instead calls ``fn(child)`` on a
     symbolic child and returns a ``Ragged`` value: one template for every arity,
     executed with segment ops (right for child-sum cells over nodes with many children).
+    Every child has ``child.index``, its position among the node's children.
     """
 
     def __init__(self, items=None):
@@ -264,8 +278,19 @@ class Children:
     def map(self, fn: Callable[[Any], Any]) -> Ragged:
         """``fn(child)`` for every child, reduced later with ``.sum()``, ``.max()``, ...
 
-        ``fn`` may call the recursive function on the child and compute on its output,
-        closing over node-level values.
+        ``fn`` may call any recursive function on the child, read ``child.index`` and
+        compute on the results, closing over node-level values.
+
+        Example:
+          >>> import jax.numpy as jnp
+          >>> import recjax as rj
+          >>> @rj.recursive
+          ... def positional(node):  # sum over children of (index + 1) * child's value
+          ...     own = jnp.float32(node.data)
+          ...     return own + node.children.map(lambda c: (c.index + 1) * positional(c)).sum()
+          >>> t = rj.Tree(1.0, [rj.Tree(10.0), rj.Tree(100.0)])
+          >>> float(positional(t)), positional.batch(rj.Forest.from_trees([t])).tolist()
+          (211.0, [211.0, 10.0, 100.0])
         """
         return _ListRagged([fn(c) for c in self._list()])
 
@@ -281,40 +306,138 @@ class _RaggedChildren(Children):
 
 
 class _SymbolicChild:
-    """A child inside a template: passing it to the recursive function returns ``output``."""
+    """A child inside a template: its buffer row and index; pass it to a recursive function."""
 
-    def __init__(self, output):
-        self.output = output
+    def __init__(self, row, index):
+        self.row = row
+        self.index = index
 
     def __getattr__(self, name):
         raise AttributeError(
-            f"a child node inside a @recursive function supports only the recursive call "
-            f"(f(..., child, ...)); `child.{name}` is not available. Read data on the "
-            "child's own call instead (its `node.data`)."
+            f"a child node inside a @recursive function supports the recursive call "
+            f"(f(..., child, ...)) and `child.index`; `child.{name}` is not available. "
+            "Read data on the child's own call instead (its `node.data`)."
+        )
+
+
+class _SymbolicParent(_SymbolicChild):
+    """``node.parent`` inside a top-down template: pass it to a recursive function."""
+
+    def __getattr__(self, name):
+        raise AttributeError(
+            f"`node.parent` inside a @recursive function supports the recursive call "
+            f"(f(..., node.parent, ...)) only; `node.parent.{name}` is not available."
         )
 
 
 class _Node:
-    """The node a @recursive function receives: ``data``, ``is_leaf``, ``children``."""
+    """The node a @recursive function receives.
 
-    def __init__(self, data, is_leaf: bool, children: Children):
+    ``data`` (arrays), ``index`` (position among the parent's children, int32; 0 at a
+    root), ``is_leaf`` and ``children`` (bottom-up), ``is_root`` and ``parent``
+    (top-down: reading either makes the function top-down).
+    """
+
+    def __init__(self, data):
         self.data = data
-        self.is_leaf = is_leaf
-        self.children = children
+
+
+class _TraceNode(_Node):
+    """A symbolic node: structure is static per signature, the rest is traced."""
+
+    def __init__(self, data, frame):
+        super().__init__(data)
+        self._frame = frame
+
+    @property
+    def is_leaf(self):
+        f = self._frame
+        if f.direction == "up":
+            return f.signature == 0
+        if f.signature[1] is None:
+            raise _NeedsLeaf
+        return f.signature[1]
+
+    @property
+    def children(self):
+        f = self._frame
+        if f.direction == "down":
+            raise _UsageError(
+                f"{f.rec._name} reads node.parent or node.is_root, which makes it top-down "
+                "(parents before children), so it cannot also read node.children. Compute "
+                "what needs the children in a bottom-up function and call it here on the "
+                "node: `up(node)`."
+            )
+        if f.signature == 0:
+            return Children([])
+        if f.signature == "map":
+            return _RaggedChildren(f.edges, f.ctx["row"])
+        rows = f.ctx["children"]
+        return Children([_SymbolicChild(rows[i], i) for i in range(f.signature)])
+
+    @property
+    def is_root(self):
+        f = self._frame
+        if f.direction == "up":
+            raise _IsTopDown(f.rec)
+        return f.signature[0]
+
+    @property
+    def parent(self):
+        f = self._frame
+        if f.direction == "up":
+            raise _IsTopDown(f.rec)
+        return None if f.signature[0] else _SymbolicParent(f.ctx["parent"], None)
+
+    @property
+    def index(self):
+        self._frame.program.uses_rows = True
+        return self._frame.ctx["index"]
 
 
 class _EagerNode(_Node):
-    def __init__(self, tree: Tree):
+    """A node of a concrete tree during plain Python recursion."""
+
+    def __init__(self, pos: Position, rec):
+        tree = pos.tree
         data = jax.tree.map(
             lambda x: jnp.asarray(np.asarray(x), jax.dtypes.canonicalize_dtype(np.asarray(x).dtype)),
             tree.data,
         )
-        super().__init__(data, tree.is_leaf, Children([_EagerChild(c) for c in tree.children]))
+        super().__init__(data)
+        self._pos = pos
+        self._rec = rec
+
+    @property
+    def is_leaf(self):
+        return self._pos.tree.is_leaf
+
+    @property
+    def children(self):
+        pos = self._pos
+        return Children([_EagerChild(Position(c, pos, i)) for i, c in enumerate(pos.tree.children)])
+
+    @property
+    def is_root(self):
+        self._rec._top_down = True
+        return self._pos.parent is None
+
+    @property
+    def parent(self):
+        self._rec._top_down = True
+        return None if self._pos.parent is None else _EagerChild(self._pos.parent)
+
+    @property
+    def index(self):
+        return jnp.int32(self._pos.index)
 
 
 class _EagerChild:
-    def __init__(self, tree: Tree):
-        self.tree = tree
+    """A child (or parent) during plain recursion: pass it to a recursive function."""
+
+    def __init__(self, pos: Position):
+        self.pos = pos
+        self.index = jnp.int32(pos.index)
 
 
 # ---------------------------------------------------------------------- the decorator
@@ -328,10 +451,20 @@ def recursive(fn: Callable) -> Recursive:
     the same arguments with a ``Forest`` in place of the node and returns ``fn``'s
     output for every node, stacked on a leading node axis, in one compiled program.
 
-    Inside ``fn``: ``node.data`` (the node's data, arrays), ``node.is_leaf`` (a Python
-    bool), ``node.children`` (see ``Children``). Python ``if``/``for`` may test
-    structure only; branch on data with ``jnp.where`` or ``lax.cond``. A recursive call
-    must pass the same non-node arguments as its caller.
+    Inside ``fn``: ``node.data`` (the node's data, arrays), ``node.index`` (its position
+    among its parent's children), and either
+
+    - bottom-up: ``node.is_leaf`` (a Python bool) and ``node.children`` (see
+      ``Children``); ``fn`` calls itself on children, or
+    - top-down: ``node.is_root`` (a Python bool) and ``node.parent`` (``None`` at a
+      root); ``fn`` calls itself on ``node.parent``. Reading either makes ``fn``
+      top-down: the batch runs from the roots to the leaves.
+
+    ``fn`` may call other ``@recursive`` functions on the node itself, its children or
+    its parent, including functions that call ``fn`` back (mutual recursion): all run
+    in one program, each computed once per node. Python ``if``/``for`` may test
+    structure only; branch on data with ``jnp.where`` or ``lax.cond``. Every call of one
+    function passes the same non-node arguments.
 
     Example:
       >>> import jax.numpy as jnp
@@ -345,6 +478,13 @@ def recursive(fn: Callable) -> Recursive:
       >>> forest = rj.Forest.from_trees([tree, rj.Tree(5.0)])
       >>> total.batch(jnp.float32(2.0), forest).tolist()
       [20.0, 4.0, 14.0, 8.0, 10.0]
+      >>> @rj.recursive
+      ... def depth(node):  # top-down: a node's output depends on its parent's
+      ...     return jnp.int32(0) if node.is_root else depth(node.parent) + 1
+      >>> depth.batch(forest).tolist()
+      [0, 1, 1, 2, 0]
+      >>> [int(depth(p)) for p in tree.walk()]
+      [0, 1, 1, 2]
     """
     return Recursive(fn)
 
@@ -359,7 +499,8 @@ class Recursive:
             self._signature = inspect.signature(fn)
         except (TypeError, ValueError):  # some callables have no signature
             self._signature = None
-        self._signature_cache: dict = {}
+        self._program_cache: dict = {}
+        self._top_down = False  # learnt from the first trace or eager call that reads parent
         self._num_traces = 0  # executor traces, for recompilation tests
         self._jit_execute = jax.jit(self._execute, static_argnums=0)
 
@@ -396,7 +537,7 @@ class Recursive:
         pos, node = self._find_node(
             args,
             kwargs,
-            (Tree, _EagerChild, _SymbolicChild, _Node, Forest),
+            (Tree, Position, _EagerChild, _SymbolicChild, _Node, Forest),
             "pass exactly one node: an rj.Tree (or a child node inside the function).",
         )
         if isinstance(node, Forest):
@@ -404,40 +545,57 @@ class Recursive:
                 f"{self._name}(...) got a Forest; use {self._name}.batch(...) to run over a "
                 "Forest, or call it on one rj.Tree."
             )
-        if isinstance(node, _Node):
-            raise TypeError(
-                f"{self._name} calls itself on its own node, which recurses forever; call it "
-                "on the children (`for c in node.children` or `node.children.map`)."
-            )
         rest = _replace(args, kwargs, pos, None)
-        if isinstance(node, Tree):
-            return _EagerFrame(self, rest).compute(node, args, kwargs, pos)
         frame = _frames.stack[-1] if _frames.stack else None
-        if frame is None or frame.rec is not self:
+        if isinstance(node, (Tree, Position, _EagerChild, _EagerNode)):
+            if isinstance(node, Tree):
+                node = Position(node, None, 0)
+            elif isinstance(node, _EagerChild):
+                node = node.pos
+            elif isinstance(node, _EagerNode):
+                if frame is not None and node is frame.node and frame.rec is self:
+                    raise _self_call(self)
+                node = node._pos
+            context = frame.context if isinstance(frame, _EagerFrame) else _EagerContext()
+            return context.compute(self, node, args, kwargs, pos, rest)
+        if not isinstance(frame, _TraceFrame) or (isinstance(node, _Node) and node is not frame.node):
             raise _UsageError(
-                f"{self._name} was called on a child node of another @recursive function; "
-                "mutual recursion between recursive functions is not supported yet."
+                f"{self._name} was called on a node that belongs to no running call (a node "
+                "kept from an earlier call); call it on an rj.Tree, or batch it over an "
+                "rj.Forest."
             )
-        frame.check_args(rest)
-        if isinstance(node, _SymbolicChild):
-            return node.output
-        return frame.compute(node.tree, args, kwargs, pos)
+        if isinstance(node, _SymbolicParent):
+            relation, row = "parent", node.row
+        elif isinstance(node, _SymbolicChild):
+            relation, row = "child", node.row
+        else:
+            relation, row = "self", frame.ctx["row"]
+        if self is frame.rec:
+            if relation == "self":
+                raise _self_call(self)
+            _check_same_args(self, frame.rest, rest)
+            fid = frame.fid
+        else:
+            binding = _Binding.of(self, pos, rest, frame.dynamic)
+            fid = frame.program.call(frame, self, binding, relation)
+        return frame.program.read(fid, row)
 
     # ------------------------------------------------------------------ batch
 
     def batch(self, *args, **kwargs):
         """Runs the function over every node of a Forest in one compiled program.
 
-        Equivalent to ``[fn(*args_with_tree_i) for every node i of the forest]`` stacked
-        leaf-wise on a new leading axis, where ``args_with_tree_i`` has node ``i``'s
-        subtree in place of the Forest: the output for node ``i`` is row ``i``.
-        Differentiable with ``jax.grad``, and works under ``jax.jit``, ``jax.jvp`` and
-        ``jax.vmap``. Array arguments are traced; other arguments are static.
+        Equivalent to ``[fn(*args_with_node_i) for every node i of the forest]`` stacked
+        leaf-wise on a new leading axis, where ``args_with_node_i`` has node ``i`` in place
+        of the Forest: the output for node ``i`` is row ``i``. Differentiable with
+        ``jax.grad``, and works under ``jax.jit``, ``jax.jvp`` and ``jax.vmap``. Array
+        arguments are traced; other arguments are static.
 
         Raises:
           TypeError: no Forest among the arguments (for example a Tree), control flow
             on traced data, or outputs whose structure differs between node kinds.
-          ValueError: a node whose arity the function cannot handle.
+          ValueError: a node whose arity the function cannot handle, or a top-down
+            function over a node with several parents.
 
         Example:
           >>> import jax, jax.numpy as jnp
@@ -452,7 +610,7 @@ class Recursive:
           [2.0, 0.0, 1.0, 0.0]
         """
         prepared = self._prepare(args, kwargs)
-        out = self._jit_execute(prepared.static, prepared.dynamic, prepared.forest._arrays)
+        out = self._jit_execute(prepared.program, prepared.dynamic, prepared.forest._arrays)
         return jax.tree.map(lambda o: o[: prepared.forest.num_nodes], out)
 
     def _prepare(self, args, kwargs) -> _Prepared:
@@ -471,170 +629,551 @@ class Recursive:
         rest = _replace(args, kwargs, pos, None)
         leaves, treedef = jax.tree.flatten(rest)
         dynamic = [x for x in leaves if _is_array(x)]
-        static_leaves = tuple(None if _is_array(x) else x for x in leaves)
+        it = iter(range(len(dynamic)))
+        marked = [_Dyn(next(it)) if _is_array(x) else x for x in leaves]
         try:
-            hash(static_leaves)
+            hash(tuple(marked))
         except TypeError:
             raise TypeError(
                 f"{self._name}.batch: non-array arguments must be hashable (they are "
                 "compile-time constants); pass arrays for values that change."
             ) from None
+        binding = _Binding.make(self, pos, treedef, marked)
         meta = forest._meta
         data_spec = jax.tree.map(
             lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), forest._arrays["data"]
         )
         dyn_spec = tuple(jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)) for x in dynamic)
-        # The executor depends on the plan's bucketed sizes and the arities, never on the
+        # The program depends on the plan's bucketed sizes and the arities, never on the
         # exact node count, so batches in one bucket share its compiled program.
-        static = _Static(pos, treedef, static_leaves, (meta.key, meta.arities), None, None)
-        mode, out_spec = self._signatures(static, meta, dyn_spec, data_spec)
-        flat_spec = (jax.tree.structure(out_spec), tuple(jax.tree.leaves(out_spec)))  # hashable
-        static = static._replace(mode=mode, out_spec=flat_spec)
-        return _Prepared(pos, forest, rest, dynamic, static, out_spec)
+        cache_key = (binding, meta.key, meta.arities, bool(meta.example_node), dyn_spec,
+                     jax.tree.structure(data_spec), tuple(jax.tree.leaves(data_spec)))
+        program = self._program_cache.get(cache_key)
+        if program is None:
+            program = _discover(self, binding, meta, dyn_spec, data_spec)
+            self._program_cache[cache_key] = program
+        if meta.shared_node >= 0 and any(d == "down" for d, _ in program.passes):
+            names = ", ".join(f.rec._name for f in program.fns if f.direction == "down")
+            raise ValueError(
+                f"top-down function(s) {names} need one parent per node, but node "
+                f"{meta.shared_node} of the forest has several (a DAG). Run top-down "
+                "passes on trees, or unshare the node (one copy per parent)."
+            )
+        return _Prepared(pos, forest, rest, dynamic, program)
 
-    # ------------------------------------------------------------------ templates
-
-    def _rebuild(self, static, dynamic, node):
-        it = iter(dynamic)
-        leaves = [next(it) if s is None else s for s in static.static_leaves]
-        args, kwargs = jax.tree.unflatten(static.treedef, leaves)
-        return _replace(args, kwargs, static.pos, node), (args, kwargs)
-
-    def _template(self, static, signature):
-        """The pure function ``(dynamic, data, children) -> output`` of one signature.
-
-        ``signature`` is ``0`` (a leaf: ``children`` unused), ``k > 0`` (``children`` is
-        a tuple of k output pytrees) or ``"map"`` (``children`` is ``(edges, row)``).
-        """
-
-        def template(dynamic, data, children):
-            if signature == 0:
-                kids = Children([])
-            elif signature == "map":
-                kids = _RaggedChildren(*children)
-            else:
-                kids = Children([_SymbolicChild(c) for c in children])
-            node = _Node(data, signature == 0, kids)
-            (args, kwargs), rest = self._rebuild(static, dynamic, node)
-            frame = _TraceFrame(self, rest, signature)
-            out = _call_user(frame, self.fn, args, kwargs, _describe(signature))
-            for leaf in jax.tree.leaves(out):
-                if not (_is_array(leaf) or isinstance(leaf, (bool, int, float, complex))):
-                    raise _UsageError(
-                        f"{self._name} must return a pytree of arrays; at "
-                        f"{_describe(signature)} it returned a leaf {leaf!r} of type "
-                        f"{type(leaf).__name__}. Return jnp arrays (or Python numbers)."
-                    )
-            return out
-
-        return template
-
-    def _signatures(self, static, meta, dyn_spec, data_spec):
-        """Traces the signatures abstractly: which templates run, and the output structure."""
-        has_internal = bool(meta.example_node)
-        cache_key = (static, has_internal, dyn_spec, jax.tree.structure(data_spec), tuple(jax.tree.leaves(data_spec)))
-        hit = self._signature_cache.get(cache_key)
-        if hit is not None:
-            return hit
-        one = lambda s: jax.ShapeDtypeStruct((1,) + s.shape, s.dtype)  # noqa: E731
-        data1 = jax.tree.map(one, data_spec)
-
-        def shape_of(signature, children_spec):
-            template = self._template(static, signature)
-            run = lambda d, x, c: _executor.apply_template(template, signature, d, x, c, 1)  # noqa: E731
-            out = jax.eval_shape(run, list(dyn_spec), data1, children_spec)
-            return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), out)
-
-        out_spec = shape_of(0, None)
-        if not meta.example_node:  # every node is a leaf
-            mode = ()
-        else:
-            edges = _executor.Edges(jax.tree.map(one, out_spec), jax.ShapeDtypeStruct((1,), jnp.int32))
-            try:
-                mode = "map"
-                got = {"map": shape_of("map", edges)}
-            except _NeedsArity:
-                if meta.arities is None:
-                    raise ValueError(
-                        f"{self._name} iterates, indexes or measures node.children, which "
-                        f"specialises it per arity, but this forest has more than "
-                        f"{MAX_SPECIALISED_ARITIES} distinct arities. Use "
-                        "node.children.map(...) for variable-arity nodes."
-                    ) from None
-                mode = meta.arities
-                got = {}
-                for k in mode:
-                    try:
-                        got[k] = shape_of(k, tuple(jax.tree.map(one, out_spec) for _ in range(k)))
-                    except (TypeError, ValueError, IndexError) as e:
-                        if isinstance(e, _UsageError) or "branches on traced data" in str(e):
-                            raise
-                        node = meta.example_node[k]
-                        where = (
-                            f"node {node} of the forest has them"
-                            if node >= 0
-                            else "a forest padded together with this one has such a node"
-                        )
-                        kids = "1 child" if k == 1 else f"{k} children"
-                        raise ValueError(
-                            f"{self._name} cannot handle a node with {kids} ({where}); "
-                            f"tracing it raised {type(e).__name__}: {str(e).rstrip('.')}. "
-                            "Handle this arity, or use node.children.map(...) for any "
-                            "number of children."
-                        ) from e
-            for sig, spec in got.items():
-                if not _same_spec(spec, out_spec):
-                    raise TypeError(
-                        f"{self._name} returns {_show(spec)} at {_describe(sig)} but "
-                        f"{_show(out_spec)} at a leaf. Every node must return the same "
-                        "structure, shapes and dtypes (the children's outputs have the leaf's "
-                        "structure); make the leaf branch return what internal nodes return."
-                    )
-        result = (mode, out_spec)
-        self._signature_cache[cache_key] = result
-        return result
-
-    def _execute(self, static, dynamic, arrays):
+    def _execute(self, program, dynamic, arrays):
         self._num_traces += 1
-        templates = {0: self._template(static, 0)}
-        if static.mode == "map":
-            templates["map"] = self._template(static, "map")
+        key = program.key
+        rows = _executor.row_tables(arrays, key) if program.uses_rows else None
+        runtime = _Runtime(program)
+        env: dict = {}
+        for direction, fids in program.passes:
+            fns = [
+                _executor.PassFn(fid, {s: program.template(fid, s, runtime) for s in program.fns[fid].signatures},
+                                 program.fns[fid].spec)
+                for fid in fids
+            ]
+            run = _executor.run_up if direction == "up" else _executor.run_down
+            env.update(run(fns, dynamic, env, arrays, key, rows))
+        out = env[program.result]
+        return jax.tree.map(lambda a: a[arrays["row_of_node"]], out)
+
+
+# ---------------------------------------------------------------------- bindings
+
+
+class _Dyn(NamedTuple):
+    """Marks an array argument: the i-th array leaf of the batched call's arguments."""
+
+    i: int
+
+
+class _Binding(NamedTuple):
+    """How to rebuild a function's arguments from the batched call's array arguments.
+
+    ``leaves`` holds static values and ``_Dyn`` marks; ``key`` is the same with the
+    arguments bound by parameter name, so positional and keyword calls compare equal.
+    """
+
+    pos: int | str
+    treedef: Any
+    leaves: tuple
+    key: Any
+
+    @classmethod
+    def make(cls, rec, pos, treedef, leaves):
+        args, kwargs = jax.tree.unflatten(treedef, leaves)
+        k_leaves, k_tree = jax.tree.flatten(rec._bind(args, kwargs))
+        return cls(pos, treedef, tuple(leaves), (k_tree, tuple(k_leaves)))
+
+    @classmethod
+    def of(cls, rec, pos, rest, dynamic):
+        """The binding of a call made inside a trace, whose arrays are ``dynamic``'s."""
+        leaves, treedef = jax.tree.flatten(rest)
+        marked = []
+        for x in leaves:
+            if _is_array(x):
+                found = [i for i, d in enumerate(dynamic) if x is d]
+                if not found:
+                    raise _UsageError(
+                        f"{rec._name} is called inside another recursive function with an "
+                        "array argument computed there. recjax computes every function once "
+                        "per node with one set of arguments, taken from the batched call: "
+                        f"pass {rec._name} the caller's arguments or parts of them as they "
+                        "are (for example params['cell']), not values computed from them."
+                    )
+                marked.append(_Dyn(found[0]))
+            else:
+                marked.append(x)
+        return cls.make(rec, pos, treedef, marked)
+
+    def rebuild(self, dynamic, node):
+        leaves = [dynamic[x.i] if isinstance(x, _Dyn) else x for x in self.leaves]
+        args, kwargs = jax.tree.unflatten(self.treedef, leaves)
+        return _replace(args, kwargs, self.pos, node), (args, kwargs)
+
+
+# ---------------------------------------------------------------------- programs
+
+
+class _FnSpec(NamedTuple):
+    """One function of a program (hashable: part of the executor's jit static argument)."""
+
+    rec: Recursive
+    binding: _Binding
+    direction: str  # "up" (children first) or "down" (parents first)
+    signatures: tuple  # templates to run: see _executor.PassFn
+    out_flat: tuple  # (treedef, leaf ShapeDtypeStructs) of one node's output
+
+    @property
+    def spec(self):
+        return jax.tree.unflatten(*self.out_flat)
+
+
+class _Program(NamedTuple):
+    """A batched call, resolved: its functions, the passes that compute them, the plan key."""
+
+    fns: tuple[_FnSpec, ...]
+    passes: tuple  # ((direction, (fid, ...)), ...) in execution order
+    result: int  # the fid of the batched function
+    key: Any  # the plan key
+    uses_rows: bool  # some template reads node.index, or a pass runs top-down
+
+    def template(self, fid, signature, program):
+        return _template(self.fns[fid].rec, fid, self.fns[fid].binding, self.fns[fid].direction,
+                         signature, program)
+
+
+class _Runtime:
+    """Resolves calls while the executor traces templates: reads the functions' buffers."""
+
+    def __init__(self, program: _Program):
+        self.program = program
+        self.uses_rows = program.uses_rows
+        self.fid = {f.rec: i for i, f in enumerate(program.fns)}
+        self.env: dict = {}
+
+    def call(self, frame, rec, binding, relation):
+        fid = self.fid[rec]
+        _check_binding(rec, self.program.fns[fid].binding, binding)
+        return fid
+
+    def read(self, fid, row):
+        return jax.tree.map(lambda b: b[row], _current_env()[fid])
+
+
+def _current_env():
+    return _frames.stack[-1].env
+
+
+def _template(rec, fid, binding, direction, signature, program):
+    """The pure function ``(dynamic, env, data, ctx, edges) -> output`` of one signature.
+
+    ``ctx`` holds the row's own buffer ``row`` and, as needed, ``children`` (rows, fixed
+    arity), ``parent`` (row) and ``index``; ``env`` maps function ids to buffers;
+    ``edges`` are the step's child slots for a ``"map"`` signature.
+    """
+
+    def template(dynamic, env, data, ctx, edges):
+        frame = _TraceFrame(rec, fid, signature, direction, dynamic, env, ctx, edges, program)
+        node = _TraceNode(data, frame)
+        frame.node = node
+        (args, kwargs), frame.rest = binding.rebuild(dynamic, node)
+        where = _describe(signature)
+        out = _call_user(frame, rec.fn, args, kwargs, where)
+        for leaf in jax.tree.leaves(out):
+            if not (_is_array(leaf) or isinstance(leaf, (bool, int, float, complex))):
+                raise _UsageError(
+                    f"{rec._name} must return a pytree of arrays; at {where} it returned a "
+                    f"leaf {leaf!r} of type {type(leaf).__name__}. Return jnp arrays (or "
+                    "Python numbers)."
+                )
+        return out
+
+    return template
+
+
+class _Discovery:
+    """Traces a batched call abstractly: which functions run, their signatures and outputs.
+
+    Every function is registered with its base signature traced first (a leaf for a
+    bottom-up function, a root for a top-down one): its output structure is what its
+    children's (or parent's) outputs look like in its other signatures. Reads of any
+    function's output return zeros of that structure; the calls between functions are
+    recorded to schedule the passes.
+    """
+
+    uses_rows = False
+
+    def __init__(self, meta, dyn_spec, data_spec, top_down):
+        self.meta = meta
+        self.dyn_spec = list(dyn_spec)
+        self.data1 = jax.tree.map(lambda s: jax.ShapeDtypeStruct((1,) + s.shape, s.dtype), data_spec)
+        self.top_down = top_down  # functions known to be top-down
+        self.fns: list[dict] = []
+        self.fid: dict = {}
+        self.calls: set = set()  # (caller fid, callee fid, relation)
+        self.in_base: set = set()
+
+    def call(self, frame, rec, binding, relation):
+        fid = self.register(rec, binding)
+        self.calls.add((frame.fid, fid, relation))
+        return fid
+
+    def read(self, fid, row):
+        spec = self.fns[fid]["spec"]
+        if spec is None:  # this function's own base signature is being traced
+            raise _UsageError(
+                f"{self.fns[fid]['rec']._name} reads its own output at a "
+                f"{'leaf' if self.fns[fid]['direction'] == 'up' else 'root'} through another "
+                "function it calls there: functions that call each other on the same node, "
+                "which recurses forever; one of them must call the other on children (or "
+                "the parent) instead."
+            )
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), spec)
+
+    def register(self, rec, binding) -> int:
+        if rec in self.fid:
+            fid = self.fid[rec]
+            _check_binding(rec, self.fns[fid]["binding"], binding)
+            return fid
+        fid = len(self.fns)
+        self.fid[rec] = fid
+        direction = "down" if rec in self.top_down else "up"
+        entry = {"rec": rec, "binding": binding, "direction": direction, "spec": None, "sigs": {}}
+        self.fns.append(entry)
+        if direction == "up":
+            try:
+                entry["spec"] = self.trace(fid, 0)
+                entry["sigs"][0] = entry["spec"]
+                return fid
+            except _IsTopDown as e:
+                if e.rec is not rec:
+                    raise
+                entry["direction"] = "down"
+                rec._top_down = True
+        try:
+            base = self.trace(fid, (True, None))
+            entry["sigs"][(True, None)] = base
+        except _NeedsLeaf:
+            base = self.trace(fid, (True, True))
+            entry["sigs"][(True, True)] = base
+        entry["spec"] = base
+        return fid
+
+    def trace(self, fid, signature):
+        """The output structure of one signature (a ShapeDtypeStruct pytree)."""
+        entry = self.fns[fid]
+        direction = "up" if not isinstance(signature, tuple) else "down"
+        template = _template(entry["rec"], fid, entry["binding"], direction, signature, self)
+        scalar = jax.ShapeDtypeStruct((1,), jnp.int32)
+        ctx = {"row": scalar, "parent": scalar, "index": scalar}
+        edges = None
+        if isinstance(signature, int) and signature > 0:
+            ctx["children"] = jax.ShapeDtypeStruct((1, signature), jnp.int32)
+        if signature == "map":
+            edge = jax.ShapeDtypeStruct((1,), jnp.int32)
+            edges = _executor.Edges(edge, edge, edge)
+
+        def run(dynamic, data, ctx, edges):
+            return _executor.apply_template(template, dynamic, {}, data, ctx, edges)
+
+        out = jax.eval_shape(run, self.dyn_spec, self.data1, ctx, edges)
+        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), out)
+
+    def analyse(self, fid):
+        """Traces every signature the forest needs and checks it returns the base structure."""
+        entry = self.fns[fid]
+        rec, sigs, meta = entry["rec"], entry["sigs"], self.meta
+        if entry["direction"] == "up":
+            if meta.example_node:  # the forest has internal nodes
+                try:
+                    sigs["map"] = self.trace(fid, "map")
+                except _NeedsArity:
+                    if meta.arities is None:
+                        raise ValueError(
+                            f"{rec._name} iterates, indexes or measures node.children, which "
+                            f"specialises it per arity, but this forest has more than "
+                            f"{MAX_SPECIALISED_ARITIES} distinct arities. Use "
+                            "node.children.map(...) for variable-arity nodes."
+                        ) from None
+                    for k in meta.arities:
+                        sigs[k] = self._trace_arity(fid, k)
         else:
-            for k in static.mode:
-                templates[k] = self._template(static, k)
-        out_spec = jax.tree.unflatten(*static.out_spec)
-        plan_key, _ = static.meta
-        return _executor.execute(templates, dynamic, arrays, plan_key, out_spec)
+            if (True, True) in sigs:
+                sigs[(True, False)] = self.trace(fid, (True, False))
+            try:
+                sigs[(False, None)] = self.trace(fid, (False, None))
+            except _NeedsLeaf:
+                sigs[(False, True)] = self.trace(fid, (False, True))
+                sigs[(False, False)] = self.trace(fid, (False, False))
+        for sig, spec in sigs.items():
+            if not _same_spec(spec, entry["spec"]):
+                base = "a leaf" if entry["direction"] == "up" else _describe(next(iter(sigs)))
+                raise TypeError(
+                    f"{rec._name} returns {_show(spec)} at {_describe(sig)} but "
+                    f"{_show(entry['spec'])} at {base}. Every node must return the same "
+                    "structure, shapes and dtypes (the children's and parent's outputs have "
+                    f"that structure); make {base.split()[-1]} branch return what the others return."
+                )
+
+    def _trace_arity(self, fid, k):
+        rec = self.fns[fid]["rec"]
+        try:
+            return self.trace(fid, k)
+        except (TypeError, ValueError, IndexError) as e:
+            if isinstance(e, _UsageError) or "branches on traced data" in str(e):
+                raise
+            node = self.meta.example_node[k]
+            where = (
+                f"node {node} of the forest has them"
+                if node >= 0
+                else "a forest padded together with this one has such a node"
+            )
+            kids = "1 child" if k == 1 else f"{k} children"
+            raise ValueError(
+                f"{rec._name} cannot handle a node with {kids} ({where}); "
+                f"tracing it raised {type(e).__name__}: {str(e).rstrip('.')}. "
+                "Handle this arity, or use node.children.map(...) for any "
+                "number of children."
+            ) from e
+
+
+def _discover(rec, binding, meta, dyn_spec, data_spec) -> _Program:
+    """Resolves a batched call of ``rec`` into a ``_Program`` (abstract traces only)."""
+    top_down: set = set()
+    while True:
+        disc = _Discovery(meta, dyn_spec, data_spec, top_down)
+        try:
+            disc.register(rec, binding)
+            i = 0
+            while i < len(disc.fns):
+                disc.analyse(i)
+                i += 1
+            break
+        except _IsTopDown as e:
+            # A function read node.parent in a signature after its leaf: it is top-down.
+            if e.rec in top_down:
+                raise
+            e.rec._top_down = True
+            top_down.add(e.rec)
+    fns = tuple(
+        _FnSpec(
+            e["rec"], e["binding"], e["direction"], tuple(e["sigs"]),
+            (jax.tree.structure(e["spec"]), tuple(jax.tree.leaves(e["spec"]))),
+        )
+        for e in disc.fns
+    )
+    passes = _schedule(fns, disc.calls)
+    uses_rows = disc.uses_rows or any(f.direction == "down" for f in fns)
+    return _Program(fns, passes, 0, meta.key, uses_rows)
+
+
+def _schedule(fns, calls) -> tuple:
+    """Orders the functions into passes: callees first, one direction per pass.
+
+    Functions that call each other (a strongly connected component of the call graph)
+    run in one pass, so they must share a direction. Within a pass, a function that
+    reads another's output on the same node comes after it.
+    """
+    n = len(fns)
+    callees = {i: set() for i in range(n)}
+    same_node = {i: set() for i in range(n)}
+    for a, b, rel in calls:
+        callees[a].add(b)
+        if rel == "self":
+            same_node[a].add(b)
+    comps = _strongly_connected(n, callees)  # callees' components first
+    comp_of = {f: c for c, members in enumerate(comps) for f in members}
+    passes: list = []
+    for members in comps:
+        directions = {fns[f].direction for f in members}
+        if len(directions) > 1:
+            names = ", ".join(fns[f].rec._name for f in sorted(members))
+            raise TypeError(
+                f"recursive functions {names} call each other but some run bottom-up "
+                "(they call themselves on children) and some top-down (they read "
+                "node.parent): no order of levels computes them together. Compute the "
+                "bottom-up part first and let the top-down one call it on its node."
+            )
+        order = _same_node_order(members, same_node, comp_of, fns)
+        direction = directions.pop()
+        if passes and passes[-1][0] == direction:
+            passes[-1] = (direction, passes[-1][1] + tuple(order))
+        else:
+            passes.append((direction, tuple(order)))
+    return tuple(passes)
+
+
+def _strongly_connected(n, edges) -> list[list[int]]:
+    """Tarjan's algorithm (iterative); components come out callees first."""
+    index, low, on_stack, stack, out = {}, {}, set(), [], []
+    counter = 0
+    for root in range(n):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(edges[root])))]
+        index[root] = low[root] = counter
+        counter += 1
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            v, it = work[-1]
+            w = next(it, None)
+            if w is None:
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[v])
+                if low[v] == index[v]:
+                    comp = []
+                    while True:
+                        x = stack.pop()
+                        on_stack.discard(x)
+                        comp.append(x)
+                        if x == v:
+                            break
+                    out.append(sorted(comp))
+            elif w not in index:
+                index[w] = low[w] = counter
+                counter += 1
+                stack.append(w)
+                on_stack.add(w)
+                work.append((w, iter(sorted(edges[w]))))
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+    return out
+
+
+def _same_node_order(members, same_node, comp_of, fns) -> list[int]:
+    """Members ordered so that a same-node callee comes before its caller."""
+    members = set(members)
+    order, state = [], {}
+    for start in sorted(members):
+        stack = [(start, iter(sorted(same_node[start] & members)))]
+        if start in state:
+            continue
+        state[start] = "open"
+        while stack:
+            v, it = stack[-1]
+            w = next(it, None)
+            if w is None:
+                stack.pop()
+                state[v] = "done"
+                order.append(v)
+            elif state.get(w) == "open":
+                raise TypeError(
+                    f"recursive functions {fns[v].rec._name} and {fns[w].rec._name} are "
+                    "functions that call each other on the same node, which recurses "
+                    "forever; one of them must call the other on children (or the parent) "
+                    "instead."
+                )
+            elif w not in state:
+                state[w] = "open"
+                stack.append((w, iter(sorted(same_node[w] & members))))
+    return order
 
 
 # ---------------------------------------------------------------------- frames
 
 
 class _TraceFrame:
-    def __init__(self, rec, rest, signature):
+    """One template being traced: its function, signature, row context and resolver."""
+
+    def __init__(self, rec, fid, signature, direction, dynamic, env, ctx, edges, program):
         self.rec = rec
-        self.rest = rest
+        self.fid = fid
         self.signature = signature
+        self.direction = direction
+        self.dynamic = dynamic
+        self.env = env
+        self.ctx = ctx
+        self.edges = edges
+        self.program = program
+        self.node = None
+        self.rest = None
         self.empty_reduction = False
 
-    def check_args(self, rest):
-        _check_same_args(self.rec, self.rest, rest)
 
+class _EagerContext:
+    """One plain-Python evaluation: memoised outputs and each function's arguments."""
 
-class _EagerFrame(_TraceFrame):
-    def __init__(self, rec, rest, memo=None):
-        super().__init__(rec, rest, None)
-        self.memo: dict[int, Any] = {} if memo is None else memo
+    def __init__(self):
+        self.memo: dict = {}
+        self.args: dict = {}
+        self.running: set = set()
 
-    def compute(self, tree, args, kwargs, pos):
-        key = id(tree)
-        if key not in self.memo:
-            a, k = _replace(args, kwargs, pos, _EagerNode(tree))
-            # One frame per node, sharing the memo, so empty reductions are tracked per node.
-            frame = _EagerFrame(self.rec, self.rest, self.memo)
+    def compute(self, rec, pos: Position, args, kwargs, node_pos, rest):
+        if rec in self.args:
+            _check_same_args(rec, self.args[rec], rest)
+        else:
+            self.args[rec] = rest
+        key = (rec, id(pos) if rec._top_down else id(pos.tree))
+        hit = self.memo.get(key)
+        if hit is not None:
+            return hit[1]
+        if key in self.running:
+            raise _UsageError(
+                f"{rec._name} is called on a node where it is already being computed: "
+                "functions that call each other on the same node, which recurses forever; "
+                "one of them must call the other on children (or the parent) instead."
+            )
+        self.running.add(key)
+        try:
+            node = _EagerNode(pos, rec)
+            frame = _EagerFrame(rec, node, self)  # one frame per node: empty reductions
+            a, k = _replace(args, kwargs, node_pos, node)
+            tree = pos.tree
             where = "a leaf" if tree.is_leaf else f"a node with {len(tree.children)} children"
-            self.memo[key] = _call_user(frame, self.rec.fn, a, k, where)
-        return self.memo[key]
+            out = _call_user(frame, rec.fn, a, k, where)
+        finally:
+            self.running.discard(key)
+        # Keep pos alive with the value: the key holds ids.
+        self.memo[(rec, id(pos) if rec._top_down else id(pos.tree))] = (pos, out)
+        return out
+
+
+class _EagerFrame:
+    def __init__(self, rec, node, context):
+        self.rec = rec
+        self.node = node
+        self.context = context
+        self.empty_reduction = False
+
+
+def _self_call(rec):
+    return TypeError(
+        f"{rec._name} calls itself on its own node, which recurses forever; call it on the "
+        "children (`for c in node.children` or `node.children.map`) or, top-down, on "
+        "`node.parent`."
+    )
+
+
+def _check_binding(rec, expected: _Binding, got: _Binding):
+    if expected.key != got.key:
+        raise _UsageError(
+            f"every call of {rec._name} in one batched program must pass the same non-node "
+            "arguments (recjax computes it once per node); two calls differ."
+        )
 
 
 def _check_same_args(rec, expected, got):
@@ -648,24 +1187,15 @@ def _check_same_args(rec, expected, got):
     if not same:
         raise _UsageError(
             f"a recursive call of {rec._name} must pass the same non-node arguments as its "
-            "caller (recjax computes every node once, with one set of arguments). To vary a "
-            "value per node, store it in the node data, or compute it from the children's "
-            "outputs."
+            "caller (recjax computes every node once, with one set of arguments). To pass a "
+            "value down the tree, such as f(params, child, depth + 1), write a top-down "
+            "function that reads its parent's output: `def depth(node): return 0 if "
+            "node.is_root else depth(node.parent) + 1`; to vary a value per node otherwise, "
+            "store it in the node data or compute it from the children's outputs."
         )
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-class _Static(NamedTuple):
-    """Hashable static description of a batched call (the executor's jit static argument)."""
-
-    pos: int | str  # where the node argument sits: a position or a keyword
-    treedef: Any  # structure of the non-node arguments
-    static_leaves: tuple  # non-array leaves (None where an array is traced)
-    meta: tuple  # (plan key, arities): the bucket, never the exact node count
-    mode: Any  # "map" or the tuple of arities traced separately
-    out_spec: Any  # (treedef, leaf ShapeDtypeStructs) of one node's output
 
 
 class _Prepared(NamedTuple):
@@ -675,8 +1205,11 @@ class _Prepared(NamedTuple):
     forest: Forest
     rest: tuple  # (args, kwargs) with the node replaced by None
     dynamic: list  # the traced (array) leaves of ``rest``
-    static: _Static  # the executor's jit static argument, signatures resolved
-    out_spec: Any  # one node's output structure (ShapeDtypeStructs)
+    program: _Program  # the executor's jit static argument
+
+    @property
+    def out_spec(self):
+        return self.program.fns[self.program.result].spec
 
 
 def _replace(args, kwargs, pos, value):
@@ -688,6 +1221,10 @@ def _replace(args, kwargs, pos, value):
 
 
 def _describe(signature) -> str:
+    if isinstance(signature, tuple):
+        is_root, is_leaf = signature
+        where = "a root" if is_root else "a non-root node"
+        return where + {None: "", True: " that is a leaf", False: " with children"}[is_leaf]
     if signature == 0:
         return "a leaf"
     if signature == "map":

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 
 class Tree:
@@ -24,7 +25,7 @@ class Tree:
       (2, 2.0, False)
     """
 
-    __slots__ = ("data", "children")
+    __slots__ = ("children", "data")
 
     def __init__(self, data: Any, children: Iterable[Tree] = ()):
         children = tuple(children)
@@ -42,7 +43,56 @@ class Tree:
         """True when the node has no children."""
         return not self.children
 
+    def walk(self) -> list[Position]:
+        """Every node of this tree with its position (parent and index), in pre-order.
+
+        Pre-order is the order in which ``Forest.from_trees([tree])`` numbers the nodes
+        of a tree without shared subtrees, so ``f(tree.walk()[i])`` is the plain-Python
+        meaning of row ``i`` of ``f.batch(Forest.from_trees([tree]))``. A ``Position``
+        can be passed to a ``@recursive`` function in place of a ``Tree``; a top-down
+        function (one that reads ``node.parent``) needs it, because a ``Tree`` does not
+        know its parent.
+
+        Example:
+          >>> import recjax as rj
+          >>> t = rj.Tree(1.0, [rj.Tree(2.0), rj.Tree(3.0, [rj.Tree(4.0)])])
+          >>> [(p.tree.data, p.index, p.parent and p.parent.tree.data) for p in t.walk()]
+          [(1.0, 0, None), (2.0, 0, 1.0), (3.0, 1, 1.0), (4.0, 0, 3.0)]
+        """
+        out: list[Position] = []
+        stack = [Position(self, None, 0)]
+        while stack:  # iterative: no recursion limit on deep trees
+            pos = stack.pop()
+            out.append(pos)
+            stack.extend(
+                Position(c, pos, i) for i, c in reversed(list(enumerate(pos.tree.children)))
+            )
+        return out
+
     def __repr__(self) -> str:
         if not self.children:
             return f"Tree({self.data!r})"
         return f"Tree({self.data!r}, <{len(self.children)} children>)"
+
+
+class Position:
+    """A node of a concrete tree seen from its root: the subtree, its parent and index.
+
+    ``Tree.walk()`` returns them; the eager (plain Python) evaluation of a top-down
+    function walks ``parent`` links.
+
+    Attributes:
+      tree: the node's subtree (a ``Tree``).
+      parent: the parent's ``Position``, or ``None`` at the root.
+      index: the node's position among its parent's children (0 at the root).
+    """
+
+    __slots__ = ("index", "parent", "tree")
+
+    def __init__(self, tree: Tree, parent: Position | None, index: int):
+        self.tree = tree
+        self.parent = parent
+        self.index = index
+
+    def __repr__(self) -> str:
+        return f"Position({self.tree!r}, index={self.index})"

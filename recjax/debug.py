@@ -34,7 +34,8 @@ import numpy as np
 
 from ._executor import Edges
 from ._forest import Forest
-from ._tracer import Recursive, _is_array, _replace, _show
+from ._tracer import Recursive, _is_array, _replace, _Runtime, _show
+from ._tracer import _describe as _tracer_describe
 
 __all__ = ["draw_plan", "plan_summary", "print_templates"]
 
@@ -43,6 +44,8 @@ __all__ = ["draw_plan", "plan_summary", "print_templates"]
 
 
 def _describe(signature) -> str:
+    if isinstance(signature, tuple):
+        return f"{_tracer_describe(signature)} (signature {signature})"
     if signature == 0:
         return "leaf (signature 0)"
     if signature == "map":
@@ -78,12 +81,10 @@ def _prepare(fn: Recursive, args: tuple, kwargs: dict):
             "Decorate the function with @rj.recursive first."
         )
     prepared = fn._prepare(args, kwargs)
-    pos, forest, rest, dynamic, static = prepared[:5]
-    mode, out_spec = static.mode, prepared.out_spec
     # Names of the traced inputs, in the order the templates take them.
     names, kw_names = _arg_names(fn, args, kwargs)
-    named = _replace(tuple(names), kw_names, pos, None)
-    flat_rest, _ = jax.tree_util.tree_flatten_with_path(rest)
+    named = _replace(tuple(names), kw_names, prepared.pos, None)
+    flat_rest, _ = jax.tree_util.tree_flatten_with_path(prepared.rest)
     dyn_names = []
     for path, leaf in flat_rest:
         if _is_array(leaf):
@@ -92,21 +93,23 @@ def _prepare(fn: Recursive, args: tuple, kwargs: dict):
             key = first.idx if hasattr(first, "idx") else first.key
             base = named[0][key] if head.idx == 0 else named[1][key]
             dyn_names.append(base + jax.tree_util.keystr(tuple(more)))
-    return forest, static, dynamic, dyn_names, mode, out_spec
+    return prepared, dyn_names
 
 
 def print_templates(fn: Recursive, *args: Any, **kwargs: Any) -> None:
     """Prints the jaxpr of every template ``fn.batch(*args, **kwargs)`` would run.
 
-    The tracer turns ``fn`` into one pure function ``(arguments, node data, children's
-    outputs) -> output`` per node signature: ``0`` for a leaf, ``k`` for ``k`` children
-    when ``fn`` iterates, indexes or measures ``node.children``, ``"map"`` for every
-    internal node when it uses ``node.children.map``. This prints, for each signature
-    the forest needs, the jaxpr of that function for one node (``jax.make_jaxpr``),
-    preceded by the names of its inputs in order. The executor runs each template
-    ``vmap``-ed over the rows of a step. A ``"map"`` template is shown for a node that
-    owns every edge slot (as many as the forest's largest arity); batched, its
-    ``custom_vmap_call`` becomes segment reductions over a step's edges.
+    The tracer turns ``fn`` (and every recursive function it calls) into one pure
+    function per node signature: ``0`` for a leaf, ``k`` for ``k`` children when the
+    code iterates, indexes or measures ``node.children``, ``"map"`` for every internal
+    node when it uses ``node.children.map``; a top-down function has ``(is_root,
+    is_leaf)`` signatures. A template reads its own row's data and context (its
+    buffer ``row``, children's or parent's rows) and the functions' output buffers.
+    This prints, for each function and signature, the jaxpr for one node
+    (``jax.make_jaxpr``), preceded by the names of its inputs in order. The executor
+    runs each template ``vmap``-ed over the rows of a step. A ``"map"`` template is
+    shown for a node that owns every edge slot (as many as the forest's largest arity);
+    batched, its ``custom_vmap_call`` becomes segment reductions over a step's edges.
 
     Nothing is compiled or executed; ``fn``'s public behaviour is unchanged.
 
@@ -127,51 +130,78 @@ def print_templates(fn: Recursive, *args: Any, **kwargs: Any) -> None:
       >>> print_templates(total, jnp.float32(2.0), forest)  # doctest: +ELLIPSIS
       total over Forest(num_nodes=3, num_roots=1, steps=1): 2 templates; every node returns float32[]
       == leaf (signature 0)
-      inputs: w float32[], node.data float32[]
-      { lambda ; a:f32[] b:f32[]. let
-          c:f32[] = mul a b
+      inputs: w float32[], total's outputs float32[10], node.data float32[], row int32[]
+      { lambda ; a:f32[] b:f32[10] c:f32[] d:i32[]. let
+          e:f32[] = mul a c
       ...
       == internal node of any arity (signature "map", node.children.map)
-      inputs: w float32[], node.data float32[], children float32[2], edge_segment int32[2], row int32[]
-      { lambda ; a:f32[] b:f32[] c:f32[2] d:i32[2] e:i32[]. let
+      inputs: w float32[], total's outputs float32[10], node.data float32[], row int32[], edges.rows int32[2], edges.segment int32[2], edges.position int32[2]
       ...custom_vmap_call...
     """
-    forest, static, dynamic, dyn_names, mode, out_spec = _prepare(fn, args, kwargs)
+    prepared, dyn_names = _prepare(fn, args, kwargs)
+    forest, program, dynamic = prepared.forest, prepared.program, prepared.dynamic
     data = jax.tree.map(lambda a: np.asarray(a[0]), forest._arrays["data"])
+    num_rows = program.key.num_buffer_rows
+    env = {
+        i: jax.tree.map(lambda s: np.zeros((num_rows,) + s.shape, s.dtype), f.spec)
+        for i, f in enumerate(program.fns)
+    }
+    total = sum(len(f.signatures) for f in program.fns)
+    plural = "s" if total > 1 else ""
+    several = len(program.fns) > 1
+    if several:
+        passes = "; ".join(
+            f"{d}: " + ", ".join(program.fns[i].rec._name for i in fids) for d, fids in program.passes
+        )
+        print(
+            f"{fn._name} over {forest!r}: {len(program.fns)} functions in "
+            f"{len(program.passes)} pass{'es' if len(program.passes) > 1 else ''} ({passes}), "
+            f"{total} template{plural}; {fn._name} returns {_show(prepared.out_spec)}"
+        )
+    else:
+        print(
+            f"{fn._name} over {forest!r}: {total} template{plural}; "
+            f"every node returns {_show(prepared.out_spec)}"
+        )
 
-    def zeros(lead):
-        return jax.tree.map(lambda s: np.zeros(lead + s.shape, s.dtype), out_spec)
+    def shown(name, x):
+        return f"{name} {_show(jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype))}"
 
-    signatures = [0] + (["map"] if mode == "map" else list(mode))
-    plural = "s" if len(signatures) > 1 else ""
-    print(
-        f"{fn._name} over {forest!r}: {len(signatures)} template{plural}; "
-        f"every node returns {_show(out_spec)}"
-    )
     inputs = [f"{n} {_show(jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)))}"
               for n, x in zip(dyn_names, dynamic)]
-    inputs += [f"{n} {_show(jax.ShapeDtypeStruct(np.shape(x), x.dtype))}"
-               for n, x in zip(_leaf_names("node.data", data), jax.tree.leaves(data))]
-    for signature in signatures:
-        template = fn._template(static, signature)
-        if signature == 0:
-            children, named = None, {}
-        elif signature == "map":
-            degree = np.diff(forest.child_ptr) if forest.child_ptr is not None else np.ones(1)
-            num_edges = max(int(degree.max()), 1)
-            outputs = zeros((num_edges,))
-            children = (Edges(outputs, np.zeros(num_edges, np.int32)), np.int32(0))
-            named = dict(zip(_leaf_names("children", outputs), jax.tree.leaves(outputs)))
-            named.update(edge_segment=children[0].segment, row=children[1])
-        else:
-            children = tuple(zeros(()) for _ in range(signature))
-            named = dict(zip(_leaf_names("children", children), jax.tree.leaves(children)))
-        extra = [f"{n} {_show(jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype))}"
-                 for n, x in named.items()]
-        jaxpr = jax.make_jaxpr(template)(list(dynamic), data, children)
-        print(f"== {_describe(signature)}")
-        print("inputs: " + (", ".join(inputs + extra) or "(none)"))
-        print(jaxpr)
+    data_shown = [shown(n, x) for n, x in zip(_leaf_names("node.data", data), jax.tree.leaves(data))]
+    env_names = []
+    for i, f in enumerate(program.fns):
+        env_names += _leaf_names(f"{f.rec._name}'s outputs", env[i])
+    runtime = _Runtime(program)
+    degree = np.diff(forest.child_ptr) if forest.child_ptr is not None else np.ones(1)
+    num_edges = max(int(degree.max()), 1)
+    for fid, f in enumerate(program.fns):
+        for signature in f.signatures:
+            ctx = {"row": np.int32(0)}
+            if isinstance(signature, tuple) or program.uses_rows:
+                ctx.update(parent=np.int32(0), index=np.int32(0))
+            if isinstance(signature, int) and signature > 0:
+                ctx["children"] = np.zeros(signature, np.int32)
+            edges = None
+            if signature == "map":
+                slots = np.zeros(num_edges, np.int32)
+                edges = Edges(slots, slots, slots)
+            # the order jax flattens a dict in: sorted keys
+            ctx_names = [
+                shown({"children": "children's rows"}.get(k, k), ctx[k]) for k in sorted(ctx)
+            ]
+            edge_names = (
+                [shown(f"edges.{k}", v) for k, v in edges._asdict().items()] if edges else []
+            )
+            env_shown = [shown(n, x) for n, x in zip(env_names, jax.tree.leaves(env))]
+            template = program.template(fid, signature, runtime)
+            jaxpr = jax.make_jaxpr(template)(list(dynamic), env, data, ctx, edges)
+            title = _describe(signature)
+            print(f"== {f.rec._name}: {title}" if several else f"== {title}")
+            # the order of the template's arguments: (dynamic, env, data, ctx, edges)
+            print("inputs: " + ", ".join(inputs + env_shown + data_shown + ctx_names + edge_names))
+            print(jaxpr)
 
 
 # ---------------------------------------------------------------------- the plan

@@ -59,10 +59,11 @@ def test_print_templates_map(capsys):
         'internal node of any arity (signature "map", node.children.map)',
     ]
     leaf, any_arity = got.values()
-    assert "inputs: w float32[], node.data float32[]\n" in leaf
+    # in the template's argument order: arguments, output buffers, data, the row's context
+    assert "inputs: w float32[], total's outputs float32[18], node.data float32[], row int32[]\n" in leaf
     assert "mul" in leaf and "custom_vmap_call" not in leaf
     # shown for a node owning as many edge slots as the forest's largest arity (2)
-    assert "children float32[2], edge_segment int32[2], row int32[]" in any_arity
+    assert "edges.rows int32[2], edges.segment int32[2], edges.position int32[2]\n" in any_arity
     assert "custom_vmap_call" in any_arity
 
 
@@ -80,15 +81,17 @@ def test_print_templates_per_arity_names_inputs(capsys):
     ]
     inputs = (
         "inputs: p['W'] float32[3, 3], p['emb'] float32[6, 3], scale float32[], "
-        "node.data['token'] int32[]"
+        "per_arity's outputs['h'] float32["
     )
     for body in got.values():
         assert body.startswith("\n" + inputs)
+        assert "node.data['token'] int32[]" in body
     body2 = got["internal node with 2 children (signature 2)"]
-    assert "children[0]['h'] float32[3], children[1]['h'] float32[3]\n" in body2
-    # the jaxpr takes the inputs in the order listed: 4 arguments, then 2 children
+    assert "node.data['token'] int32[], children's rows int32[2], row int32[]\n" in body2
+    # the jaxpr takes the inputs in the order listed: 3 arguments, the output buffer,
+    # the data, the children's rows and the own row
     lambda_line = next(line for line in body2.splitlines() if line.startswith("{ lambda"))
-    assert lambda_line.count(":") == 6
+    assert lambda_line.count(":") == 7
 
 
 def test_print_templates_matches_batch_and_changes_nothing(capsys):
@@ -113,9 +116,10 @@ def test_print_templates_static_argument(capsys):
     debug.print_templates(count, rj.Forest.from_parents([-1, 0, 0]), 2.0)
     text = capsys.readouterr().out
     # a non-array argument is a compile-time constant: not an input of the templates
-    assert "inputs: node.data" not in text  # no data either
+    assert "node.data" not in text  # no data either
     leaf = sections(text)["leaf (signature 0)"]
-    assert leaf.startswith("\ninputs: (none)\n")
+    assert leaf.startswith("\ninputs: count's outputs float32[")
+    assert "], row int32[]\n" in leaf
 
 
 def test_print_templates_errors():

@@ -77,16 +77,80 @@ def self_call():
     f(rj.Tree(1.0))
 
 
-def mutual_recursion():
+def same_node_cycle():
     @rj.recursive
     def g(node):
-        return node.data
+        return f(node) * 2.0
 
     @rj.recursive
     def f(node):
-        return node.data + node.children.map(g).sum()
+        return g(node) + 1.0
 
-    f(rj.Tree(1.0, [rj.Tree(2.0)]))
+    f.batch(forest())
+
+
+def mixed_direction_cycle():
+    @rj.recursive
+    def up(node):
+        return node.data + node.children.map(down).sum()
+
+    @rj.recursive
+    def down(node):
+        return node.data if node.is_root else up(node.parent)
+
+    up.batch(forest())
+
+
+def computed_argument():
+    @rj.recursive
+    def inner(w, node):
+        return w * node.data
+
+    @rj.recursive
+    def outer(w, node):
+        return inner(w * 2, node)
+
+    outer.batch(jnp.float32(1), forest())
+
+
+def different_arguments():
+    @rj.recursive
+    def inner(w, node):
+        return w * node.data
+
+    @rj.recursive
+    def outer(w, v, node):
+        return inner(w, node) + inner(v, node)
+
+    outer.batch(jnp.float32(1), jnp.float32(2), forest())
+
+
+def children_in_top_down():
+    @rj.recursive
+    def f(node):
+        return node.data if node.is_root else f(node.parent) + len(node.children)
+
+    f.batch(forest())
+
+
+def top_down_dag():
+    @rj.recursive
+    def depth(node):
+        return 0.0 if node.is_root else depth(node.parent) + 1
+
+    depth.batch(rj.Forest.from_children([[1, 2], [3], [3], []]))
+
+
+def stale_node():
+    kept = []
+
+    @rj.recursive
+    def f(node):
+        kept.append(node)
+        return node.data
+
+    f.batch(forest())
+    f(kept[0])
 
 
 def unhashable_static():
@@ -206,7 +270,15 @@ CASES = {
     "node-argument-count": (lambda: add.batch(forest(), forest()), TypeError, r"add\(...\) got 2 node arguments; pass exactly one rj.Forest"),
     "call-on-forest": (lambda: add(forest()), TypeError, r"add\(...\) got a Forest; use add.batch"),
     "self-call": (self_call, TypeError, r"f calls itself on its own node"),
-    "mutual-recursion": (mutual_recursion, TypeError, r"g was called on a child node of another @recursive function"),
+    "same-node-cycle": (same_node_cycle, TypeError, r"f reads its own output at a leaf through another function it calls there: functions that call each other on the same node"),
+    "mixed-direction-cycle": (mixed_direction_cycle, TypeError, r"recursive functions up, down call each other but some run bottom-up"),
+    "computed-argument": (computed_argument, TypeError, r"inner is called inside another recursive function with an array argument computed there"),
+    "different-arguments": (different_arguments, TypeError, r"every call of inner in one batched program must pass the same non-node arguments"),
+    "children-in-top-down": (children_in_top_down, TypeError, r"f reads node.parent or node.is_root, which makes it top-down"),
+    "top-down-dag": (top_down_dag, ValueError, r"top-down function\(s\) depth need one parent per node, but node 3"),
+    "stale-node": (stale_node, TypeError, r"f was called on a node that belongs to no running call"),
+    "pool-op": (lambda: forest().pool(jnp.ones(3), "median"), ValueError, r"Forest.pool: op must be 'sum', 'mean' or 'max', not 'median'"),
+    "pool-shape": (lambda: forest().pool(jnp.ones(4)), ValueError, r"Forest.pool: values need a leading axis of num_nodes = 3, got shape \(4,\)"),
     "batch-on-tree": (lambda: add.batch(rj.Tree(1.0)), TypeError, r"add.batch\(...\) takes a Forest, not a Tree"),
     "unhashable-static": (unhashable_static, TypeError, r"f.batch: non-array arguments must be hashable"),
     "too-many-arities": (too_many_arities, ValueError, r"f iterates, indexes or measures node.children.*more than 16 distinct arities"),
@@ -278,7 +350,8 @@ def raise_texts(module):
         if not isinstance(node, ast.Raise) or node.exc is None:
             continue
         exc = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
-        if isinstance(exc, ast.Name) and exc.id == "_NeedsArity":  # internal, never escapes
+        if isinstance(exc, ast.Name) and exc.id in ("_NeedsArity", "_NeedsLeaf", "_IsTopDown"):
+            # internal signals of the tracer, never escape
             continue
         text = strings(node.exc) + " " + " ".join(
             named[n.id] for n in ast.walk(node.exc) if isinstance(n, ast.Name) and n.id in named

@@ -154,7 +154,7 @@ def test_self_call_and_child_attribute():
     def peek(node):
         return node.children.map(lambda c: c.data).sum() + node.data
 
-    with pytest.raises(AttributeError, match="supports only the recursive call"):
+    with pytest.raises(AttributeError, match="supports the recursive call"):
         peek.batch(rj.Forest.from_trees([rj.Tree(1.0, [rj.Tree(2.0)])]))
 
 

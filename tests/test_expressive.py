@@ -1,0 +1,410 @@
+"""Top-down and bidirectional passes, mutual recursion, child positions and readouts.
+
+Every compiled result is compared with plain Python recursion (``f(position)`` for each
+node of ``tree.walk()``), values and gradients.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from models import assert_trees_close, random_tree, stdlib_functions
+
+import recjax as rj
+
+# ---------------------------------------------------------------------- helpers
+
+
+def random_forest(seed, num_trees=5, max_nodes=30, max_arity=4):
+    rng = np.random.default_rng(seed)
+    trees = [
+        random_tree(
+            rng,
+            int(rng.integers(1, max_nodes)),
+            max_arity,
+            lambda i: {"x": np.float32(rng.normal()), "token": np.int32(rng.integers(7))},
+        )
+        for _ in range(num_trees)
+    ]
+    return trees, rj.Forest.from_trees(trees)
+
+
+def eager_rows(fn, trees, *args):
+    """``fn`` by plain recursion at every node, in ``Forest.from_trees(trees)`` order."""
+    return [fn(*args, pos) for tree in trees for pos in tree.walk()]
+
+
+def stack(rows):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *rows)
+
+
+# ---------------------------------------------------------------------- top-down
+
+
+@rj.recursive
+def depth(node):
+    return jnp.int32(0) if node.is_root else depth(node.parent) + 1
+
+
+@rj.recursive
+def path_code(node):
+    """Root-to-node path as a number: 1, then digit ``index`` per step (base 8)."""
+    if node.is_root:
+        return jnp.float32(1)
+    return path_code(node.parent) * 8 + node.index.astype(jnp.float32)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_depth_and_path_encoding(seed):
+    trees, forest = random_forest(seed)
+    np.testing.assert_array_equal(depth.batch(forest), stack(eager_rows(depth, trees)))
+    np.testing.assert_array_equal(path_code.batch(forest), stack(eager_rows(path_code, trees)))
+
+
+def test_top_down_reads_leaf_flag_and_data():
+    @rj.recursive
+    def label(w, node):
+        base = w * node.data["x"]
+        if node.is_root:
+            return jnp.tanh(base)
+        if node.is_leaf:  # a top-down function may specialise on leaves
+            return jnp.sin(label(w, node.parent) + base)
+        return jnp.cos(label(w, node.parent) * base)
+
+    trees, forest = random_forest(7)
+    w = jnp.float32(0.8)
+    np.testing.assert_allclose(label.batch(w, forest), stack(eager_rows(label, trees, w)), rtol=1e-5)
+    g = jax.grad(lambda w: label.batch(w, forest).sum())(w)
+    ge = jax.grad(lambda w: sum(eager_rows(label, trees, w)))(w)
+    np.testing.assert_allclose(g, ge, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------- bidirectional
+
+
+@rj.recursive
+def up_lstm(p, node):
+    """Child-Sum Tree-LSTM (bottom-up)."""
+    x = p["emb"][node.data["token"]]
+    h_sum = node.children.map(lambda c: up_lstm(p, c)[0]).sum(initial=jnp.zeros(p["U"].shape[0]))
+    i, o, u = jnp.split(x @ p["W"] + h_sum @ p["U"], 3)
+    f_c = node.children.map(lambda c: jax.nn.sigmoid(x @ p["Wf"] + up_lstm(p, c)[0] @ p["Uf"]) * up_lstm(p, c)[1])
+    c = jax.nn.sigmoid(i) * jnp.tanh(u) + f_c.sum()
+    return jax.nn.sigmoid(o) * jnp.tanh(c), c
+
+
+@rj.recursive
+def down_lstm(p, node):
+    """Top-down LSTM over the bottom-up states (Teng & Zhang 2017): parent, then own h."""
+    h_up = up_lstm(p, node)[0]
+    if node.is_root:
+        h_prev, c_prev = jnp.zeros_like(h_up), jnp.zeros_like(h_up)
+    else:
+        h_prev, c_prev = down_lstm(p, node.parent)
+    i, f, o, u = jnp.split(h_up @ p["Wd"] + h_prev @ p["Ud"], 4)
+    c = jax.nn.sigmoid(i) * jnp.tanh(u) + jax.nn.sigmoid(f) * c_prev
+    return jax.nn.sigmoid(o) * jnp.tanh(c), c
+
+
+@rj.recursive
+def bidirectional(p, node):
+    """Both directions' hidden states, concatenated: a per-node readout of two passes."""
+    return jnp.concatenate([up_lstm(p, node)[0], down_lstm(p, node)[0]])
+
+
+def lstm_params(key, dim=4, hidden=3, vocab=7):
+    k = jax.random.split(key, 7)
+    n = lambda kk, shape: 0.5 * jax.random.normal(kk, shape)  # noqa: E731
+    return {
+        "emb": n(k[0], (vocab, dim)), "W": n(k[1], (dim, 3 * hidden)),
+        "U": n(k[2], (hidden, 3 * hidden)), "Wf": n(k[3], (dim, hidden)),
+        "Uf": n(k[4], (hidden, hidden)), "Wd": n(k[5], (hidden, 4 * hidden)),
+        "Ud": n(k[6], (hidden, 4 * hidden)),
+    }
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_bidirectional_tree_lstm_values_and_gradients(seed):
+    trees, forest = random_forest(seed + 10)
+    p = lstm_params(jax.random.key(seed))
+    got = bidirectional.batch(p, forest)
+    want = stack(eager_rows(bidirectional, trees, p))
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+    loss = lambda p: jnp.sum(jnp.sin(bidirectional.batch(p, forest)))  # noqa: E731
+    eager_loss = lambda p: sum(jnp.sum(jnp.sin(r)) for r in eager_rows(bidirectional, trees, p))  # noqa: E731
+    assert_trees_close(jax.jit(jax.grad(loss))(p), jax.grad(eager_loss)(p), atol=1e-4, rtol=1e-4)
+
+
+def test_bidirectional_runs_two_passes_and_one_program_per_bucket():
+    from recjax import debug
+
+    trees, forest = random_forest(3)
+    p = lstm_params(jax.random.key(0))
+    program = bidirectional._prepare((p, forest), {}).program
+    assert [(d, [program.fns[i].rec._name for i in fids]) for d, fids in program.passes] == [
+        ("up", ["up_lstm"]),
+        ("down", ["down_lstm"]),
+        ("up", ["bidirectional"]),
+    ]
+    a, b = rj.Forest.pad_all([forest, random_forest(4)[1]])
+    before = bidirectional._num_traces
+    step = jax.jit(lambda p, f: bidirectional.batch(p, f))
+    step(p, a)
+    step(p, b)
+    assert bidirectional._num_traces == before + 1
+    debug.print_templates(bidirectional, p, forest)  # prints every function's templates
+
+
+# ---------------------------------------------------------------------- changing arguments
+
+
+def test_changing_arguments_error_shows_the_top_down_way():
+    @rj.recursive
+    def with_depth(node, d):
+        return d + node.children.map(lambda c: with_depth(c, d + 1)).sum(initial=0.0)
+
+    with pytest.raises(TypeError, match=r"depth\(node.parent\) \+ 1"):
+        with_depth.batch(rj.Forest.from_parents([-1, 0]), jnp.float32(0))
+    with pytest.raises(TypeError, match="write a top-down function"):
+        with_depth(rj.Tree(1.0, [rj.Tree(2.0)]), 0.0)
+
+
+# ---------------------------------------------------------------------- mutual recursion
+
+
+@rj.recursive
+def stmt(p, node):
+    """Statements and expressions alternate by depth; each reads the other on children."""
+    own = p["s"] * node.data["x"]
+    if node.is_leaf:
+        return jnp.tanh(own)
+    return jnp.tanh(own + node.children.map(lambda c: expr(p, c)).sum())
+
+
+@rj.recursive
+def expr(p, node):
+    if node.is_leaf:
+        return jnp.float32(0.5) * node.data["x"]
+    kids = [stmt(p, c) for c in node.children]  # fixed arity: one template per arity
+    return jnp.sin(p["e"] * sum(k * (i + 1) for i, k in enumerate(kids)))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_mutual_recursion_values_and_gradients(seed):
+    trees, forest = random_forest(seed + 20)
+    p = {"s": jnp.float32(0.9), "e": jnp.float32(1.3)}
+    for fn in (stmt, expr):
+        np.testing.assert_allclose(fn.batch(p, forest), stack(eager_rows(fn, trees, p)), atol=1e-6)
+    program = stmt._prepare((p, forest), {}).program
+    assert len(program.passes) == 1 and len(program.fns) == 2  # one loop computes both
+
+    loss = lambda p: jnp.sum(stmt.batch(p, forest) ** 2)  # noqa: E731
+    eager_loss = lambda p: sum(r**2 for r in eager_rows(stmt, trees, p))  # noqa: E731
+    assert_trees_close(jax.grad(loss)(p), jax.grad(eager_loss)(p), atol=1e-4)
+
+
+def test_three_way_mutual_recursion_and_same_node_calls():
+    @rj.recursive
+    def a(node):
+        return node.data["x"] + node.children.map(b).sum()
+
+    @rj.recursive
+    def b(node):
+        return 2 * c(node) + node.children.map(c).sum()  # c on the same node, then children
+
+    @rj.recursive
+    def c(node):
+        return jnp.cos(node.data["x"]) + node.children.map(a).max(initial=0.0)
+
+    trees, forest = random_forest(30)
+    for fn in (a, b, c):
+        np.testing.assert_allclose(fn.batch(forest), stack(eager_rows(fn, trees)), rtol=1e-5, atol=1e-6)
+
+
+def test_same_node_cycle_and_mixed_direction_cycle_errors():
+    @rj.recursive
+    def f(node):
+        return g(node) + 1.0
+
+    @rj.recursive
+    def g(node):
+        return f(node) * 2.0
+
+    forest = rj.Forest.from_parents([-1, 0], {"x": [1.0, 2.0]})
+    with pytest.raises(TypeError, match="same node, which recurses forever"):
+        f.batch(forest)
+    with pytest.raises(TypeError, match="same node"):
+        f(rj.Tree(1.0))
+
+    @rj.recursive
+    def u(node):
+        return 1.0 + node.children.map(d).sum()
+
+    @rj.recursive
+    def d(node):
+        return jnp.float32(0) if node.is_root else u(node.parent)
+
+    with pytest.raises(TypeError, match="no order of levels"):
+        u.batch(forest)
+
+
+def test_calling_another_function_with_computed_or_different_arguments_is_an_error():
+    @rj.recursive
+    def inner(w, node):
+        return w * node.data + node.children.map(lambda c: inner(w, c)).sum()
+
+    @rj.recursive
+    def computed(w, node):
+        return inner(w * 2, node)
+
+    @rj.recursive
+    def differing(w, v, node):
+        return inner(w, node) + node.children.map(lambda c: inner(v, c)).sum()
+
+    forest = rj.Forest.from_parents([-1, 0], [1.0, 2.0])
+    with pytest.raises(TypeError, match="computed there"):
+        computed.batch(jnp.float32(1), forest)
+    with pytest.raises(TypeError, match="same non-node arguments"):
+        differing.batch(jnp.float32(1), jnp.float32(2), forest)
+
+
+def test_calls_itself_on_children_and_parent_is_an_error():
+    @rj.recursive
+    def both(node):
+        if node.is_root:
+            return node.children.map(both).sum()
+        return both(node.parent)
+
+    with pytest.raises(TypeError, match="cannot also read node.children"):
+        both.batch(rj.Forest.from_parents([-1, 0]))
+
+
+# ---------------------------------------------------------------------- child positions
+
+
+@rj.recursive
+def attend(p, node):
+    """Attention over any number of children with a position embedding (child.index)."""
+    x = p["emb"][node.data["token"]]
+    if node.is_leaf:
+        return jnp.tanh(x)
+
+    def score(c):
+        h = attend(p, c) + p["pos"][jnp.minimum(c.index, 3)]
+        return jnp.exp(h @ x), jnp.exp(h @ x) * h
+
+    weight, total = node.children.map(score).sum()
+    return jnp.tanh(x + total / weight)
+
+
+def test_attention_with_child_index_values_and_gradients():
+    trees, forest = random_forest(40, max_arity=6)
+    k = jax.random.split(jax.random.key(1), 2)
+    p = {"emb": 0.5 * jax.random.normal(k[0], (7, 4)), "pos": 0.5 * jax.random.normal(k[1], (4, 4))}
+    np.testing.assert_allclose(attend.batch(p, forest), stack(eager_rows(attend, trees, p)), atol=1e-5)
+    loss = lambda p: jnp.sum(attend.batch(p, forest)[forest.roots])  # noqa: E731
+    eager_loss = lambda p: sum(jnp.sum(attend(p, t)) for t in trees)  # noqa: E731
+    assert_trees_close(jax.grad(loss)(p), jax.grad(eager_loss)(p), atol=1e-4)
+
+
+def test_child_index_with_fixed_arity_and_node_index_bottom_up():
+    @rj.recursive
+    def weighted(node):
+        own = node.data["x"] * (node.index + 1).astype(jnp.float32)
+        return own + sum(c.index * weighted(c) for c in node.children)
+
+    trees, forest = random_forest(41)
+    np.testing.assert_allclose(weighted.batch(forest), stack(eager_rows(weighted, trees)), rtol=1e-5)
+
+
+# ---------------------------------------------------------------------- readouts
+
+
+@rj.recursive
+def encode(p, node):
+    return jnp.tanh(p["emb"][node.data["token"]] + node.children.map(lambda c: encode(p, c)).sum())
+
+
+@rj.recursive
+def score(p, node):
+    """A readout: memoised ``encode`` at the node and at its children, used by another function."""
+    extra = node.children.map(lambda c: encode(p, c) @ p["v"]).max(initial=0.0)
+    return encode(p, node) @ p["v"] + extra
+
+
+def test_per_node_readout_and_per_tree_pooling_with_gradients():
+    trees, forest = random_forest(50)
+    p = {"emb": jax.random.normal(jax.random.key(2), (7, 3)), "v": jnp.array([0.3, -0.2, 0.5])}
+    got = score.batch(p, forest)
+    np.testing.assert_allclose(got, stack(eager_rows(score, trees, p)), atol=1e-5)
+
+    sizes = [len(t.walk()) for t in trees]
+    bounds = np.cumsum([0] + sizes)
+    np.testing.assert_array_equal(forest.tree_of, np.repeat(np.arange(len(trees)), sizes))
+    vals = np.asarray(got)
+    for op, ref in (("sum", np.sum), ("mean", np.mean), ("max", np.max)):
+        want = [ref(vals[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+        np.testing.assert_allclose(forest.pool(got, op), want, rtol=1e-5)
+
+    def loss(p, forest):
+        return jnp.sum(forest.pool(score.batch(p, forest), "mean") ** 2)
+
+    def eager_loss(p):
+        return sum(jnp.mean(jnp.stack([score(p, pos) for pos in t.walk()])) ** 2 for t in trees)
+
+    assert_trees_close(jax.jit(jax.grad(loss))(p, forest), jax.grad(eager_loss)(p), atol=1e-4)
+    # padded forests: the padding contributes nothing, padding roots get 0
+    padded = forest.padded()
+    pooled = jax.jit(lambda p, f: f.pool(score.batch(p, f), "mean"))(p, padded)
+    np.testing.assert_allclose(pooled[: len(trees)], forest.pool(got, "mean"), rtol=1e-5)
+    assert np.all(np.asarray(pooled)[len(trees):] == 0)
+
+
+def test_pool_errors():
+    forest = rj.Forest.from_parents([-1, 0])
+    with pytest.raises(ValueError, match="op must be"):
+        forest.pool(jnp.ones(2), "median")
+    with pytest.raises(ValueError, match="leading axis of num_nodes = 2"):
+        forest.pool(jnp.ones(3))
+
+
+# ---------------------------------------------------------------------- DAGs and scale
+
+
+def test_top_down_over_a_dag_is_an_error_before_device_work():
+    forest = rj.Forest.from_children([[1, 2], [3], [3], []])
+    with pytest.raises(ValueError, match="node 3 of the forest has several"):
+        depth.batch(forest)
+
+
+def test_top_down_over_real_code_trees_and_a_deep_chain():
+    trees = stdlib_functions()[:20]
+    forest = rj.Forest.from_trees(trees)
+    np.testing.assert_array_equal(depth.batch(forest), stack(eager_rows(depth, trees)))
+    chain = rj.Forest.from_parents(np.arange(-1, 2999))
+    np.testing.assert_array_equal(depth.batch(chain), np.arange(3000))
+
+
+def test_nan_in_one_tree_stays_there_top_down():
+    @rj.recursive
+    def down(w, node):
+        own = jnp.log(node.data["x"]) * w
+        return own if node.is_root else own + down(w, node.parent)
+
+    good = random_tree(np.random.default_rng(0), 12, 3, lambda i: {"x": np.float32(1.5 + i)})
+    bad = random_tree(np.random.default_rng(1), 9, 3, lambda i: {"x": np.float32(-1.0 if i == 4 else 2.0)})
+    forest = rj.Forest.from_trees([good, bad])
+    n_good = len(good.walk())
+    out = down.batch(jnp.float32(1.0), forest)
+    assert np.isfinite(np.asarray(out[:n_good])).all()
+
+    def loss(data):
+        f = rj.Forest.from_trees([good, bad])
+        f._arrays = {**f._arrays, "data": data}
+        return jnp.sum(down.batch(jnp.float32(1.0), f)[:n_good])
+
+    grad = jax.grad(loss)(forest._arrays["data"])
+    assert np.isfinite(np.asarray(grad["x"])).all()
