@@ -28,7 +28,8 @@ class _Meta:
     arities: tuple[int, ...] | None  # None: more than MAX_SPECIALISED_ARITIES distinct
     # Not compared: used only for error messages while tracing.
     example_node: dict = dataclasses.field(compare=False, hash=False, default_factory=dict)
-    # A node with several parents (-1 if none): top-down passes need a single parent.
+    # A node with several parents, or a root that is also a child (-1 if none): top-down
+    # passes need a single parent per node.
     shared_node: int = dataclasses.field(compare=False, hash=False, default=-1)
 
 
@@ -474,8 +475,10 @@ def _tree_of(child_ptr, child_idx, roots) -> tuple[np.ndarray, int]:
     """
     n = child_ptr.shape[0] - 1
     parent = np.repeat(np.arange(n, dtype=np.int64), np.diff(child_ptr))
-    num_parents = np.bincount(child_idx, minlength=n)
-    shared = np.flatnonzero(num_parents > 1)
+    # A root that is also another node's child (a Tree passed as a root and reached again)
+    # has two contexts too: its own tree's root, and a child.
+    contexts = np.bincount(child_idx, minlength=n) + np.bincount(roots, minlength=n)
+    shared = np.flatnonzero(contexts > 1)
     first_parent = np.arange(n, dtype=np.int64)
     first_parent[child_idx[::-1]] = parent[::-1]  # the last write is the first edge
     top = first_parent

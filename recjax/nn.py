@@ -42,9 +42,11 @@ import jax.numpy as jnp
 import recjax as rj
 
 __all__ = [
+    "bidirectional_tree_lstm",
     "child_attention",
     "child_sum_tree_lstm",
     "dag_rnn",
+    "init_bidirectional_tree_lstm",
     "init_child_attention",
     "init_child_sum_tree_lstm",
     "init_dag_rnn",
@@ -420,6 +422,84 @@ def init_child_sum_tree_lstm(key, vocab, embed, hidden):
             _const("b_f", hidden, 1.0),
         ),
     )
+
+
+# ---------------------------------------------------------------------- bidirectional
+
+
+@rj.recursive
+def bidirectional_tree_lstm(p, node):
+    """Bidirectional Tree-LSTM of Teng & Zhang 2017: a top-down LSTM over bottom-up states.
+
+    The bottom-up pass is ``child_sum_tree_lstm`` with ``p["up"]``; the top-down pass
+    feeds each node's bottom-up ``h`` into an LSTM whose previous state is the parent's
+    top-down ``(h, c)`` (zeros at a root). Reads ``node.data["token"]`` at every node
+    (bottom-up). Equivalent to::
+
+        def bidirectional_tree_lstm(p, node):
+            h_up = child_sum_tree_lstm(p["up"], node)[0]
+            if node.is_root:
+                h_prev = c_prev = zeros(hidden)
+            else:
+                h_prev, c_prev = bidirectional_tree_lstm(p, node.parent)
+            i, f, o, u = split(h_up @ p["W"] + h_prev @ p["U"] + p["b"], 4)
+            c = sigmoid(i) * tanh(u) + sigmoid(f) * c_prev
+            return sigmoid(o) * tanh(c), c
+
+    Reading ``node.parent`` makes the function top-down: the batch runs the bottom-up
+    pass, then this one from the roots to the leaves, in one program. A node's
+    representation for tagging is ``concat(h_up, h_down)``.
+
+    Args:
+      p: parameters from ``init_bidirectional_tree_lstm``.
+      node: a node of a tree (top-down passes need one parent per node).
+
+    Returns:
+      ``(h, c)`` of the top-down pass, each of shape ``[hidden]``.
+
+    Example:
+      >>> import jax, recjax as rj
+      >>> from recjax import nn
+      >>> p = nn.init_bidirectional_tree_lstm(jax.random.key(0), vocab=5, embed=3, hidden=2)
+      >>> tree = rj.Tree({"token": 0}, [rj.Tree({"token": 1}), rj.Tree({"token": 2})])
+      >>> h, c = nn.bidirectional_tree_lstm.batch(p, rj.Forest.from_trees([tree]))
+      >>> h.shape
+      (3, 2)
+    """
+    h_up = child_sum_tree_lstm(p["up"], node)[0]
+    if node.is_root:
+        h_prev = c_prev = jnp.zeros(p["U"].shape[0])
+    else:
+        h_prev, c_prev = bidirectional_tree_lstm(p, node.parent)
+    i, f, o, u = jnp.split(h_up @ p["W"] + h_prev @ p["U"] + p["b"], 4)
+    c = jax.nn.sigmoid(i) * jnp.tanh(u) + jax.nn.sigmoid(f) * c_prev
+    return jax.nn.sigmoid(o) * jnp.tanh(c), c
+
+
+def init_bidirectional_tree_lstm(key, vocab, embed, hidden):
+    """Parameters of ``bidirectional_tree_lstm``; top-down gate columns ``[i, f, o, u]``.
+
+    Returns:
+      ``{"up": init_child_sum_tree_lstm(...), "W": [hidden, 4 * hidden],
+      "U": [hidden, 4 * hidden], "b": [4 * hidden]}`` (forget bias 1).
+
+    Example:
+      >>> import jax
+      >>> from recjax import nn
+      >>> p = nn.init_bidirectional_tree_lstm(jax.random.key(0), vocab=5, embed=3, hidden=2)
+      >>> p["W"].shape, p["up"]["U"].shape
+      ((2, 8), (2, 6))
+    """
+    k_up, k_down = jax.random.split(key)
+    down = _sample(
+        k_down,
+        (
+            _dense("W", hidden, 4 * hidden),
+            _dense("U", hidden, 4 * hidden),
+            ("b", (4 * hidden,), 0.0, (0.0,) * hidden + (1.0,) * hidden + (0.0,) * (2 * hidden)),
+        ),
+    )
+    return {"up": init_child_sum_tree_lstm(k_up, vocab, embed, hidden), **down}
 
 
 # ---------------------------------------------------------------------- Tree-GRU

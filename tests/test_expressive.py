@@ -378,6 +378,10 @@ def test_top_down_over_a_dag_is_an_error_before_device_work():
     forest = rj.Forest.from_children([[1, 2], [3], [3], []])
     with pytest.raises(ValueError, match="node 3 of the forest has several"):
         depth.batch(forest)
+    # a Tree given as a root and also reached as a child has two contexts as well
+    t = rj.Tree(1.0, [rj.Tree(2.0)])
+    with pytest.raises(ValueError, match="node 0 of the forest has several"):
+        depth.batch(rj.Forest.from_trees([t, rj.Tree(3.0, [t])]))
 
 
 def test_top_down_over_real_code_trees_and_a_deep_chain():

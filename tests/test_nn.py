@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from models import assert_trees_close, node_subtrees, random_binary_tree
+from models import assert_trees_close, node_subtrees, random_binary_tree, random_tree
 
 import recjax as rj
 from recjax import nn
@@ -369,3 +369,24 @@ def test_unused_edge_slots_never_read_an_empty_sum():
     np.testing.assert_allclose(f.batch(w, forest)[0], f(w, tree), rtol=1e-6)  # values are right
     want = jax.grad(lambda w: f(w, tree))(w)
     np.testing.assert_allclose(jax.grad(lambda w: f.batch(w, forest)[0])(w), want, rtol=1e-5)  # NaN
+
+
+def test_bidirectional_tree_lstm_matches_eager_at_every_node():
+    rng = np.random.default_rng(3)
+    trees = [
+        random_tree(rng, int(rng.integers(1, 25)), 4, lambda i: {"token": np.int32(rng.integers(VOCAB))})
+        for _ in range(4)
+    ]
+    forest = rj.Forest.from_trees(trees)
+    positions = [pos for t in trees for pos in t.walk()]
+    p = nn.init_bidirectional_tree_lstm(jax.random.key(0), vocab=VOCAB, embed=4, hidden=HIDDEN)
+    want = stack([nn.bidirectional_tree_lstm(p, pos) for pos in positions])
+    assert_trees_close(nn.bidirectional_tree_lstm.batch(p, forest), want)
+
+    def loss(p):  # every node's top-down state (a tagging loss reads them all)
+        return jnp.sum(jnp.tanh(nn.bidirectional_tree_lstm.batch(p, forest)[0]))
+
+    def eager(p):
+        return sum(jnp.sum(jnp.tanh(nn.bidirectional_tree_lstm(p, pos)[0])) for pos in positions)
+
+    assert_trees_close(jax.jit(jax.grad(loss))(p), jax.grad(eager)(p), atol=1e-4, rtol=1e-4)
