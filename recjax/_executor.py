@@ -10,6 +10,7 @@ read any buffer (their own children's or parent's rows, another function's rows)
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -30,7 +31,8 @@ class Edges(NamedTuple):
 class PassFn(NamedTuple):
     """One function of a pass: its id, templates by signature, and output structure.
 
-    Bottom-up signatures: ``0`` (leaf), ``"map"`` (any arity) or ``k`` (k children).
+    Bottom-up signatures: ``0`` (leaf), ``"map"`` (any arity) or ``k`` (k children), or
+    ``("kind", kind id, one of those)`` for a function specialised per node kind.
     Top-down signatures: ``(is_root, is_leaf)`` with ``is_leaf`` ``None`` when the
     function does not read it.
     """
@@ -115,8 +117,19 @@ def run_up(fns: list[PassFn], dynamic, env: dict, arrays: dict, key: PlanKey, ro
     ctx = _ctx(leaf_rows, rows)
     leaf_data = take(data, arrays["leaf_node"])
     for f in fns:
-        out = apply_template(f.templates[0], dynamic, {**env, **state}, leaf_data, ctx)
-        state[f.fid] = _write_all(state[f.fid], out, 0)
+        if 0 in f.templates:
+            out = apply_template(f.templates[0], dynamic, {**env, **state}, leaf_data, ctx)
+            state[f.fid] = _write_all(state[f.fid], out, 0)
+            continue
+        # Specialised per kind: the leaf rows are one block per kind (static slices).
+        start = 0
+        for kind, size in key.leaf_blocks:
+            block = lambda tree, a=start, b=start + size: jax.tree.map(lambda x: x[a:b], tree)
+            out = apply_template(
+                f.templates[("kind", kind, 0)], dynamic, {**env, **state}, block(leaf_data), block(ctx)
+            )
+            state[f.fid] = _write_all(state[f.fid], out, start)
+            start += size
 
     base = key.num_leaf_rows
     for phase, tables in zip(key.phases, arrays["phases"]):
@@ -127,16 +140,41 @@ def run_up(fns: list[PassFn], dynamic, env: dict, arrays: dict, key: PlanKey, ro
             tables["edge_child"],
             tables["edge_segment"],
             edge_positions(tables, phase.edges),
+            tables["step_kind"],
             jnp.arange(phase.steps, dtype=jnp.int32),
         )
 
         def step(state, x, base=base, width=phase.width):
-            data_t, degree, start, edge_child, segment, position, t = x
+            data_t, degree, start, edge_child, segment, position, kind_t, t = x
             first = base + t * width
             own = first + jnp.arange(width, dtype=jnp.int32)
             edges = Edges(edge_child, segment, position)
             for f in fns:
-                out = _compute_up(f, dynamic, {**env, **state}, data_t, _ctx(own, rows), degree, start, edges)
+                ctx = _ctx(own, rows)
+                if any(isinstance(s, tuple) and s[0] == "kind" for s in f.templates):
+                    # Every row of a step has one kind (see the planner): run that kind's
+                    # templates only, under a switch. The rows a template may read (its
+                    # children's and its own) are gathered first, outside the switch, and
+                    # the templates read them by local index: the switch's transpose then
+                    # returns cotangents for these rows, not for whole buffers.
+                    num_edges = edge_child.shape[0]
+                    local = jnp.concatenate([edge_child, own])
+                    local_env = {
+                        i: jax.tree.map(lambda b: b[local], buf) for i, buf in {**env, **state}.items()
+                    }
+                    ctx = {**ctx, "row": num_edges + jnp.arange(width, dtype=jnp.int32)}
+                    local_edges = Edges(jnp.arange(num_edges, dtype=jnp.int32), segment, position)
+                    branches = [
+                        functools.partial(_compute_up, _kind_templates(f.templates, k))
+                        for k in key.kinds
+                    ]
+                    out = lax.switch(
+                        kind_t, branches, dynamic, local_env, data_t, ctx, degree, start, local_edges
+                    )
+                else:
+                    out = _compute_up(
+                        f.templates, dynamic, {**env, **state}, data_t, ctx, degree, start, edges
+                    )
                 state = {**state, f.fid: _write_all(state[f.fid], out, first)}
             return state, None
 
@@ -255,13 +293,18 @@ def _write_rows_jvp(primals, tangents):
     return _write_rows(buffer, rows, first), t_out
 
 
-def _compute_up(f: PassFn, dynamic, env, data, ctx, degree, start, edges: Edges):
-    """Outputs of one step's ``K`` rows (internal nodes and padding) for function ``f``."""
-    if "map" in f.templates:
-        return apply_template(f.templates["map"], dynamic, env, data, ctx, edges)
+def _kind_templates(templates: dict, kind: int) -> dict:
+    """One kind's templates of a function specialised per kind, by their plain signature."""
+    return {s[2]: t for s, t in templates.items() if isinstance(s, tuple) and s[1] == kind and s[2] != 0}
+
+
+def _compute_up(templates: dict, dynamic, env, data, ctx, degree, start, edges: Edges):
+    """Outputs of one step's ``K`` rows (internal nodes and padding) for one function."""
+    if "map" in templates:
+        return apply_template(templates["map"], dynamic, env, data, ctx, edges)
     out = None
     num_edges = edges.rows.shape[0]
-    for k, template in sorted((k, t) for k, t in f.templates.items() if k != 0):
+    for k, template in sorted((k, t) for k, t in templates.items() if isinstance(k, int) and k != 0):
         j = jnp.arange(k)[None, :]
         slot = jnp.minimum(start[:, None] + j, num_edges - 1)
         # Rows of another arity run this template too (their result is discarded): their

@@ -28,6 +28,10 @@ class _Meta:
     arities: tuple[int, ...] | None  # None: more than MAX_SPECIALISED_ARITIES distinct
     # Not compared: used only for error messages while tracing.
     example_node: dict = dataclasses.field(compare=False, hash=False, default_factory=dict)
+    # The node-kind vocabulary (names; None: the forest has no kinds), and the (kind id,
+    # arity) pairs of its internal nodes: what a function specialised per kind traces.
+    kinds: tuple | None = None
+    kind_arities: tuple = ()
     # A node with several parents, or a root that is also a child (-1 if none): top-down
     # passes need a single parent per node.
     shared_node: int = dataclasses.field(compare=False, hash=False, default=-1)
@@ -68,11 +72,12 @@ class Forest:
         self._arrays = arrays
         self.child_ptr = child_ptr
         self.child_idx = child_idx
+        self._kind = None  # host kind ids, when the forest has kinds
 
     # ------------------------------------------------------------------ constructors
 
     @classmethod
-    def from_trees(cls, trees: Sequence[Tree]) -> Forest:
+    def from_trees(cls, trees: Sequence[Tree], kinds: Sequence[str] | None = None) -> Forest:
         """Numbers the nodes of ``trees`` in depth-first pre-order, tree after tree.
 
         A ``Tree`` object reachable more than once (a DAG) becomes one node, numbered at
@@ -80,6 +85,9 @@ class Forest:
 
         Args:
           trees: the root ``Tree`` objects.
+          kinds: the vocabulary of node kinds, when the trees have ``kind`` tags (every
+            node then needs one from it). A function reading ``node.kind`` is traced per
+            kind; keep the vocabulary fixed across batches so they share programs.
 
         Returns:
           A Forest whose ``roots`` are the node ids of ``trees``, in order.
@@ -137,10 +145,16 @@ class Forest:
             (ids[id(c)] for t in nodes for c in t.children), dtype=np.int64, count=int(child_ptr[-1])
         )
         data = _stack_tree_data([t.data for t in nodes])
-        return cls._build(child_ptr, child_idx, data, np.asarray(roots, dtype=np.int64))
+        kind = _kind_ids([t.kind for t in nodes], kinds)
+        return cls._build(
+            child_ptr, child_idx, data, np.asarray(roots, dtype=np.int64), kind=kind, kinds=kinds
+        )
 
     @classmethod
-    def from_parents(cls, parent: Any, data: Any = None) -> Forest:
+    def from_parents(
+        cls, parent: Any, data: Any = None, kind: Sequence[str] | None = None,
+        kinds: Sequence[str] | None = None,
+    ) -> Forest:
         """Builds a forest of trees from a parent array; node numbering is kept.
 
         ``parent[i]`` is the parent of node ``i``, or -1 for a root. The children of
@@ -150,6 +164,8 @@ class Forest:
           parent: ``[N]`` integer array.
           data: pytree of arrays with leading axis ``N`` (node ``i``'s data is row ``i``);
             a list is read as one array, tuples and dicts as containers.
+          kind, kinds: optional node kinds: ``kind[i]`` is node ``i``'s, from the
+            vocabulary ``kinds`` (see ``from_trees``).
 
         Raises:
           ValueError: empty, out-of-range parents, a node that is its own parent, a cycle,
@@ -194,10 +210,14 @@ class Forest:
         child_ptr = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(np.bincount(parent[has_parent], minlength=n), out=child_ptr[1:])
         data = _check_array_data(data, n)
-        return cls._build(child_ptr, child_idx, data, np.flatnonzero(~has_parent))
+        kind = _kind_ids(_kind_list(kind, n), kinds)
+        return cls._build(child_ptr, child_idx, data, np.flatnonzero(~has_parent), kind=kind, kinds=kinds)
 
     @classmethod
-    def from_children(cls, children: Sequence[Sequence[int]], data: Any = None) -> Forest:
+    def from_children(
+        cls, children: Sequence[Sequence[int]], data: Any = None,
+        kind: Sequence[str] | None = None, kinds: Sequence[str] | None = None,
+    ) -> Forest:
         """Builds a forest (trees or a DAG) from children lists; node numbering is kept.
 
         ``children[i]`` is the ordered list of node ``i``'s children. A node may be the
@@ -207,6 +227,7 @@ class Forest:
         Args:
           children: ``N`` sequences of node ids.
           data: pytree of arrays with leading axis ``N``; a list is read as one array.
+          kind, kinds: optional node kinds, as in ``from_parents``.
 
         Raises:
           ValueError: empty, a child id out of range, a cycle, or data of the wrong length.
@@ -236,13 +257,15 @@ class Forest:
             raise ValueError(
                 "the forest has no root (every node is somebody's child), so it has a cycle."
             )
-        return cls._build(child_ptr, child_idx, data, roots)
+        kind = _kind_ids(_kind_list(kind, n), kinds)
+        return cls._build(child_ptr, child_idx, data, roots, kind=kind, kinds=kinds)
 
     def padded(
         self,
         key: _planner.PlanKey | None = None,
         num_roots: int | None = None,
         arities: tuple[int, ...] | None = None,
+        kind_arities: tuple = (),
     ) -> Forest:
         """This forest grown to bucket sizes, so that jitted code sees bucketed shapes only.
 
@@ -261,6 +284,7 @@ class Forest:
           num_roots: optional length of ``roots`` (at least the real number of roots).
           arities: optional arities to trace for (a superset of this forest's), so that
             forests with different arity sets share one program.
+          kind_arities: likewise, ``(kind id, arity)`` pairs for node kinds.
 
         Example:
           >>> import recjax as rj
@@ -279,7 +303,8 @@ class Forest:
         data = jax.tree.map(lambda a: a[:n], self.data)
         roots = np.asarray(self.roots)[:r]
         return Forest._build(
-            child_ptr, child_idx, data, roots, at_least=key, pad_roots=num_roots, arities=arities
+            child_ptr, child_idx, data, roots, at_least=key, pad_roots=num_roots, arities=arities,
+            kind=self._kind, kinds=self._meta.kinds, kind_arities=kind_arities,
         )
 
     @classmethod
@@ -307,17 +332,29 @@ class Forest:
             key = key.union(f._meta.key)
         num_roots = _planner.ladder(max(int(np.count_nonzero(np.asarray(f.root_mask))) for f in forests))
         arities: set[int] = set()
+        kind_arities: set = set()
         for f in forests:
             arities.update(f._meta.example_node)
-        return [f.padded(key, num_roots, tuple(sorted(arities))) for f in forests]
+            kind_arities.update(f._meta.kind_arities)
+        kinds = {f._meta.kinds for f in forests}
+        if len(kinds) > 1:
+            raise ValueError(
+                "Forest.pad_all: the forests have different kind vocabularies; build them "
+                "with one kinds= list."
+            )
+        return [
+            f.padded(key, num_roots, tuple(sorted(arities)), tuple(sorted(kind_arities)))
+            for f in forests
+        ]
 
     @classmethod
     def _build(
-        cls, child_ptr, child_idx, data, roots, at_least=None, pad_roots=None, arities=None
+        cls, child_ptr, child_idx, data, roots, at_least=None, pad_roots=None, arities=None,
+        kind=None, kinds=None, kind_arities=(),
     ) -> Forest:
         """Plans and packs a validated forest; with ``pad_roots`` it is padded (see ``padded``)."""
         n = child_ptr.shape[0] - 1
-        plan = _planner.plan(child_ptr, child_idx, at_least)
+        plan = _planner.plan(child_ptr, child_idx, at_least, kind)
         degree = np.diff(child_ptr)
         own, first = np.unique(degree[degree > 0], return_index=True)
         arities = np.union1d(own, np.asarray(arities or (), dtype=np.int64))
@@ -332,11 +369,16 @@ class Forest:
         if num_nodes > n:  # padding nodes are leaves in the host view (never computed)
             child_ptr = np.concatenate([child_ptr, np.full(num_nodes - n, child_ptr[-1])])
         tree_of, shared = _tree_of(child_ptr[: n + 1], child_idx, roots[: int(root_mask.sum())])
+        if kind is not None:
+            pairs = np.unique(np.stack([kind[internal], degree[internal]]), axis=1).T.tolist()
+            kind_arities = tuple(sorted(set(map(tuple, pairs)) | set(kind_arities)))
         meta = _Meta(
             num_nodes=num_nodes,
             key=plan.key,
             arities=tuple(int(a) for a in arities) if arities.size <= MAX_SPECIALISED_ARITIES else None,
             example_node=example,
+            kinds=None if kinds is None else tuple(kinds),
+            kind_arities=kind_arities if kind is not None else (),
             shared_node=shared,
         )
         pad = plan.key.num_node_rows
@@ -355,6 +397,7 @@ class Forest:
         }
         forest = cls(meta=meta, arrays=arrays, child_ptr=child_ptr, child_idx=child_idx)
         forest._plan = plan
+        forest._kind = kind
         return forest
 
     # ------------------------------------------------------------------ accessors
@@ -465,6 +508,39 @@ class Forest:
 
 
 # ---------------------------------------------------------------------- validation
+
+
+def _kind_list(kind, n):
+    if kind is None:
+        return [None] * n
+    kind = list(kind)
+    if len(kind) != n:
+        raise ValueError(f"kind has {len(kind)} entries for {n} nodes; give one kind per node.")
+    return kind
+
+
+def _kind_ids(names: list, kinds) -> np.ndarray | None:
+    """Kind ids (positions in the vocabulary ``kinds``) of every node, or None."""
+    if kinds is None:
+        tagged = next((i for i, k in enumerate(names) if k is not None), None)
+        if tagged is not None:
+            raise ValueError(
+                f"node {tagged} has kind {names[tagged]!r} but no kinds= vocabulary was "
+                "given; pass kinds=[...] listing every kind (the same list for every batch)."
+            )
+        return None
+    kinds = list(kinds)
+    if len(set(kinds)) != len(kinds):
+        raise ValueError("kinds= lists a kind twice; give each kind once.")
+    index = {k: i for i, k in enumerate(kinds)}
+    ids = np.fromiter((index.get(k, -1) for k in names), dtype=np.int64, count=len(names))
+    bad = np.flatnonzero(ids < 0)
+    if bad.size:
+        raise ValueError(
+            f"node {bad[0]} has kind {names[bad[0]]!r}, which is not in the kinds= "
+            f"vocabulary ({len(kinds)} kinds); tag every node with one of them."
+        )
+    return ids
 
 
 def _tree_of(child_ptr, child_idx, roots) -> tuple[np.ndarray, int]:

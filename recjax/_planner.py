@@ -57,11 +57,18 @@ class PhaseKey(NamedTuple):
 
 
 class PlanKey(NamedTuple):
-    """The static sizes of a plan: two plans with equal keys run the same compiled program."""
+    """The static sizes of a plan: two plans with equal keys run the same compiled program.
+
+    With node kinds (``plan(..., kind=...)``), ``leaf_blocks`` lays the leaf rows out as
+    one block per kind, ``(kind, rows)`` in kind order, and ``kinds`` lists the kinds of
+    internal nodes: every step computes nodes of one kind, ``kinds[step_kind]``.
+    """
 
     num_leaf_rows: int
     num_node_rows: int
     phases: tuple[PhaseKey, ...]
+    leaf_blocks: tuple[tuple[int, int], ...] = ()
+    kinds: tuple[int, ...] = ()
 
     @property
     def num_buffer_rows(self) -> int:
@@ -76,16 +83,22 @@ class PlanKey(NamedTuple):
         >>> a = PlanKey(4, 8, (PhaseKey(8, 2, 4),))
         >>> b = PlanKey(6, 6, (PhaseKey(32, 1, 32), PhaseKey(8, 1, 8)))
         >>> a.union(b)
-        PlanKey(num_leaf_rows=6, num_node_rows=8, phases=(PhaseKey(width=32, steps=1, edges=32), PhaseKey(width=8, steps=2, edges=8)))
+        PlanKey(num_leaf_rows=6, num_node_rows=8, phases=(PhaseKey(width=32, steps=1, edges=32), PhaseKey(width=8, steps=2, edges=8)), leaf_blocks=(), kinds=())
         """
         by_width: dict[int, PhaseKey] = {}
         for p in self.phases + other.phases:
             q = by_width.get(p.width, PhaseKey(p.width, 0, 0))
             by_width[p.width] = PhaseKey(p.width, max(p.steps, q.steps), max(p.edges, q.edges))
+        blocks: dict[int, int] = {}
+        for k, rows in self.leaf_blocks + other.leaf_blocks:
+            blocks[k] = max(rows, blocks.get(k, 0))
+        leaf_blocks = tuple(sorted(blocks.items()))
         return PlanKey(
-            max(self.num_leaf_rows, other.num_leaf_rows),
+            max(self.num_leaf_rows, other.num_leaf_rows, sum(r for _, r in leaf_blocks)),
             max(self.num_node_rows, other.num_node_rows),
             tuple(by_width[w] for w in WIDTH_CLASSES[::-1] if w in by_width),
+            leaf_blocks,
+            tuple(sorted(set(self.kinds) | set(other.kinds))),
         )
 
 
@@ -102,6 +115,8 @@ class PhaseTables:
         padding row's slot; the last row's first child for unused slots).
       edge_segment: ``[S, KE]`` row (0..K-1) that owns each edge slot; ``K`` for unused
         slots. A padding row owns one slot (child row 0) and has degree 0.
+      step_kind: ``[S]`` index into ``PlanKey.kinds`` of the kind every row of the step
+        has (0 without kinds, and for padding steps).
     """
 
     node: np.ndarray
@@ -109,6 +124,7 @@ class PhaseTables:
     edge_start: np.ndarray
     edge_child: np.ndarray
     edge_segment: np.ndarray
+    step_kind: np.ndarray
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +217,31 @@ def _describe_cycle(child_ptr, child_idx, height) -> str:
     )
 
 
+def _leaf_blocks(leaves, kind, row_of_node, at_least):
+    """Leaf rows as one block per kind (kind order), each a ladder size; the layout."""
+    leaf_kind = kind[leaves]
+    sizes = dict(zip(*np.unique(leaf_kind, return_counts=True)))
+    floor = dict(at_least.leaf_blocks) if at_least is not None else {}
+    blocks = tuple(
+        (int(k), max(ladder(int(sizes.get(k, 0))), floor.get(k, 0)))
+        for k in sorted(set(sizes) | set(floor))
+    )
+    offset = dict(zip((k for k, _ in blocks), np.cumsum([0] + [r for _, r in blocks])[:-1]))
+    by_kind = leaves[np.argsort(leaf_kind, kind="stable")]
+    sorted_kind = kind[by_kind]
+    rank = np.arange(by_kind.size) - np.searchsorted(sorted_kind, sorted_kind)
+    block_start = np.zeros(max(offset) + 1, dtype=np.int64)
+    block_start[list(offset)] = list(offset.values())
+    row_of_node[by_kind] = block_start[sorted_kind] + rank
+    leaf_node = np.empty(sum(r for _, r in blocks), dtype=np.int64)
+    for k, rows in blocks:  # padding rows of a block read a leaf of that kind if any
+        mine = by_kind[sorted_kind == k]
+        start = offset[k]
+        leaf_node[start : start + rows] = mine[0] if mine.size else leaves[0]
+        leaf_node[start : start + mine.size] = mine
+    return blocks, row_of_node, leaf_node
+
+
 def _width_class(n: np.ndarray) -> np.ndarray:
     """Narrowest width class that computes a level of ``n`` rows in few steps."""
     classes = np.array(WIDTH_CLASSES)
@@ -208,7 +249,12 @@ def _width_class(n: np.ndarray) -> np.ndarray:
     return np.where(fits.any(axis=1), classes[np.argmax(fits, axis=1)], classes[-1])
 
 
-def plan(child_ptr: np.ndarray, child_idx: np.ndarray, at_least: PlanKey | None = None) -> Plan:
+def plan(
+    child_ptr: np.ndarray,
+    child_idx: np.ndarray,
+    at_least: PlanKey | None = None,
+    kind: np.ndarray | None = None,
+) -> Plan:
     """Plans the bottom-up evaluation of a forest given as children CSR arrays.
 
     Equivalent program (what the executor does with the plan)::
@@ -225,6 +271,9 @@ def plan(child_ptr: np.ndarray, child_idx: np.ndarray, at_least: PlanKey | None 
       child_idx: ``[E]`` child node ids, already validated to lie in ``[0, N)``.
       at_least: optional key; every static size of the plan is at least its size
         (extra steps and rows are padding), so several forests can share one program.
+      kind: optional ``[N]`` non-negative kind ids. Then leaves are laid out in one
+        block per kind and every step holds nodes of one height and one kind, so that a
+        function specialised per kind runs one kind's code per step.
 
     Returns:
       A ``Plan``.
@@ -240,17 +289,29 @@ def plan(child_ptr: np.ndarray, child_idx: np.ndarray, at_least: PlanKey | None 
     floor = {p.width: p for p in at_least.phases} if at_least is not None else {}
 
     leaves = np.flatnonzero(degree == 0)
-    num_leaf_rows = max(ladder(leaves.size), at_least.num_leaf_rows if at_least else 0)
     row_of_node = np.zeros(max(ladder(n), at_least.num_node_rows if at_least else 0), dtype=np.int64)
-    row_of_node[leaves] = np.arange(leaves.size)
-    leaf_node = np.full(num_leaf_rows, leaves[0], dtype=np.int64)
-    leaf_node[: leaves.size] = leaves
+    leaf_blocks: tuple = ()
+    if kind is None:
+        num_leaf_rows = max(ladder(leaves.size), at_least.num_leaf_rows if at_least else 0)
+        row_of_node[leaves] = np.arange(leaves.size)
+        leaf_node = np.full(num_leaf_rows, leaves[0], dtype=np.int64)
+        leaf_node[: leaves.size] = leaves
+    else:
+        leaf_blocks, row_of_node, leaf_node = _leaf_blocks(leaves, kind, row_of_node, at_least)
+        num_leaf_rows = max(sum(r for _, r in leaf_blocks), at_least.num_leaf_rows if at_least else 0)
+        leaf_node = np.concatenate([leaf_node, np.full(num_leaf_rows - leaf_node.size, leaves[0])])
 
     internal = np.flatnonzero(degree > 0)
-    order = internal[np.argsort(height[internal], kind="stable")]  # by height, then id
-    level_of = height[order]
-    num_levels = int(height.max())
-    level_size = np.bincount(level_of, minlength=num_levels + 1)[1:]
+    # Steps hold nodes of one level (and one kind): a group. Without kinds a group is a
+    # level; with kinds, a (height, kind) pair, in order of height then kind.
+    group_key = height[internal] if kind is None else height[internal] * (int(kind.max()) + 1) + kind[internal]
+    order = internal[np.argsort(group_key, kind="stable")]  # by group, then id
+    groups, level_size = np.unique(group_key, return_counts=True)
+    num_kinds = 0 if kind is None else int(kind.max()) + 1
+    group_kind = groups % num_kinds if num_kinds else np.zeros(groups.size, np.int64)
+    kinds = ()
+    if kind is not None:
+        kinds = tuple(sorted(set(group_kind.tolist()) | set(at_least.kinds if at_least else ())))
     # Classes must not grow with height so that each class is one run of levels.
     level_class = np.maximum.accumulate(_width_class(level_size)[::-1])[::-1]
     level_steps = -(-level_size // level_class)
@@ -294,6 +355,9 @@ def plan(child_ptr: np.ndarray, child_idx: np.ndarray, at_least: PlanKey | None 
         num_edges = ladder(int((real_edges + pad_rows).max()))
         num_edges = max(num_edges, floor[width].edges if width in floor else 0, 1)
         phase_keys.append(PhaseKey(width, steps, num_edges))
+        step_kind = np.zeros(steps, dtype=np.int64)
+        if kinds:
+            step_kind[step] = np.searchsorted(kinds, kind[nodes])
 
         node_t = np.zeros((steps, width), dtype=np.int64)
         degree_t = np.zeros((steps, width), dtype=np.int64)
@@ -322,7 +386,10 @@ def plan(child_ptr: np.ndarray, child_idx: np.ndarray, at_least: PlanKey | None 
         edge_child = np.where(unused, last_first_child[:, None], edge_child)
         tables.append(
             PhaseTables(
-                *(a.astype(np.int32) for a in (node_t, degree_t, start_t, edge_child, edge_seg))
+                *(
+                    a.astype(np.int32)
+                    for a in (node_t, degree_t, start_t, edge_child, edge_seg, step_kind)
+                )
             )
         )
 
@@ -330,6 +397,8 @@ def plan(child_ptr: np.ndarray, child_idx: np.ndarray, at_least: PlanKey | None 
         num_leaf_rows=num_leaf_rows,
         num_node_rows=row_of_node.shape[0],
         phases=tuple(phase_keys),
+        leaf_blocks=leaf_blocks,
+        kinds=kinds,
     )
     return Plan(
         key=key,

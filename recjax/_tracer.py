@@ -40,6 +40,10 @@ class _NeedsArity(Exception):
     """Internal: the trace of a variable-arity node read the arity; retrace per arity."""
 
 
+class _NeedsKind(Exception):
+    """Internal: a bottom-up trace read ``node.kind``; retrace once per kind."""
+
+
 class _NeedsLeaf(Exception):
     """Internal: a top-down trace read ``node.is_leaf``; retrace for leaves and the rest."""
 
@@ -74,7 +78,7 @@ def _call_user(frame, fn, args, kwargs, where):
     _frames.stack.append(frame)
     try:
         return fn(*args, **kwargs)
-    except (_NeedsArity, _NeedsLeaf, _IsTopDown, _EmptyReductionError, _UsageError):
+    except (_NeedsArity, _NeedsKind, _NeedsLeaf, _IsTopDown, _EmptyReductionError, _UsageError):
         raise
     except _DATA_FLOW_ERRORS as e:
         raise TypeError(
@@ -353,7 +357,7 @@ class _TraceNode(_Node):
     def is_leaf(self):
         f = self._frame
         if f.direction == "up":
-            return f.signature == 0
+            return _plain(f.signature) == 0
         if f.signature[1] is None:
             raise _NeedsLeaf
         return f.signature[1]
@@ -368,12 +372,32 @@ class _TraceNode(_Node):
                 "what needs the children in a bottom-up function and call it here on the "
                 "node: `up(node)`."
             )
-        if f.signature == 0:
+        signature = _plain(f.signature)
+        if signature == 0:
             return Children([])
-        if f.signature == "map":
+        if signature == "map":
             return _RaggedChildren(f.edges, f.ctx["row"])
         rows = f.ctx["children"]
-        return Children([_SymbolicChild(rows[i], i) for i in range(f.signature)])
+        return Children([_SymbolicChild(rows[i], i) for i in range(signature)])
+
+    @property
+    def kind(self):
+        f = self._frame
+        kinds = f.program.kinds
+        if kinds is None:
+            raise _UsageError(
+                f"{f.rec._name} reads node.kind, but the forest has no kinds; build it with "
+                "tagged nodes and a vocabulary: rj.Tree(data, children, kind='Add') and "
+                "rj.Forest.from_trees(trees, kinds=[...])."
+            )
+        if f.direction == "down":
+            raise _UsageError(
+                f"{f.rec._name} reads node.kind in a top-down function, which is not "
+                "supported yet; read it in a bottom-up function and call that on the node."
+            )
+        if not _is_kinded(f.signature):
+            raise _NeedsKind
+        return kinds[f.signature[1]]
 
     @property
     def is_root(self):
@@ -411,6 +435,10 @@ class _EagerNode(_Node):
     @property
     def is_leaf(self):
         return self._pos.tree.is_leaf
+
+    @property
+    def kind(self):
+        return self._pos.tree.kind
 
     @property
     def children(self):
@@ -646,7 +674,8 @@ class Recursive:
         dyn_spec = tuple(jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)) for x in dynamic)
         # The program depends on the plan's bucketed sizes and the arities, never on the
         # exact node count, so batches in one bucket share its compiled program.
-        cache_key = (binding, meta.key, meta.arities, bool(meta.example_node), dyn_spec,
+        cache_key = (binding, meta.key, meta.arities, meta.kinds, meta.kind_arities,
+                     bool(meta.example_node), dyn_spec,
                      jax.tree.structure(data_spec), tuple(jax.tree.leaves(data_spec)))
         program = self._program_cache.get(cache_key)
         if program is None:
@@ -758,6 +787,7 @@ class _Program(NamedTuple):
     result: int  # the fid of the batched function
     key: Any  # the plan key
     uses_rows: bool  # some template reads node.index, or a pass runs top-down
+    kinds: tuple | None  # the forest's kind vocabulary
 
     def template(self, fid, signature, program):
         return _template(self.fns[fid].rec, fid, self.fns[fid].binding, self.fns[fid].direction,
@@ -770,6 +800,7 @@ class _Runtime:
     def __init__(self, program: _Program):
         self.program = program
         self.uses_rows = program.uses_rows
+        self.kinds = program.kinds
         self.fid = {f.rec: i for i, f in enumerate(program.fns)}
         self.env: dict = {}
 
@@ -827,6 +858,7 @@ class _Discovery:
 
     def __init__(self, meta, dyn_spec, data_spec, top_down):
         self.meta = meta
+        self.kinds = meta.kinds
         self.dyn_spec = list(dyn_spec)
         self.data1 = jax.tree.map(lambda s: jax.ShapeDtypeStruct((1,) + s.shape, s.dtype), data_spec)
         self.top_down = top_down  # functions known to be top-down
@@ -864,8 +896,13 @@ class _Discovery:
         self.fns.append(entry)
         if direction == "up":
             try:
-                entry["spec"] = self.trace(fid, 0)
-                entry["sigs"][0] = entry["spec"]
+                try:
+                    entry["spec"] = self.trace(fid, 0)
+                    entry["sigs"][0] = entry["spec"]
+                except _NeedsKind:  # one leaf template per kind (the leaf rows' blocks)
+                    for kind, _ in self.meta.key.leaf_blocks:
+                        entry["sigs"][("kind", kind, 0)] = self.trace(fid, ("kind", kind, 0))
+                    entry["spec"] = next(iter(entry["sigs"].values()))
                 return fid
             except _IsTopDown as e:
                 if e.rec is not rec:
@@ -884,14 +921,15 @@ class _Discovery:
     def trace(self, fid, signature):
         """The output structure of one signature (a ShapeDtypeStruct pytree)."""
         entry = self.fns[fid]
-        direction = "up" if not isinstance(signature, tuple) else "down"
+        direction = "down" if _is_down(signature) else "up"
         template = _template(entry["rec"], fid, entry["binding"], direction, signature, self)
         scalar = jax.ShapeDtypeStruct((1,), jnp.int32)
         ctx = {"row": scalar, "parent": scalar, "index": scalar}
         edges = None
-        if isinstance(signature, int) and signature > 0:
-            ctx["children"] = jax.ShapeDtypeStruct((1, signature), jnp.int32)
-        if signature == "map":
+        plain = _plain(signature)
+        if isinstance(plain, int) and plain > 0:
+            ctx["children"] = jax.ShapeDtypeStruct((1, plain), jnp.int32)
+        if plain == "map":
             edge = jax.ShapeDtypeStruct((1,), jnp.int32)
             edges = _executor.Edges(edge, edge, edge)
 
@@ -908,17 +946,10 @@ class _Discovery:
         if entry["direction"] == "up":
             if meta.example_node:  # the forest has internal nodes
                 try:
-                    sigs["map"] = self.trace(fid, "map")
-                except _NeedsArity:
-                    if meta.arities is None:
-                        raise ValueError(
-                            f"{rec._name} iterates, indexes or measures node.children, which "
-                            f"specialises it per arity, but this forest has more than "
-                            f"{MAX_SPECIALISED_ARITIES} distinct arities. Use "
-                            "node.children.map(...) for variable-arity nodes."
-                        ) from None
-                    for k in meta.arities:
-                        sigs[k] = self._trace_arity(fid, k)
+                    sigs.update(self._internal(fid, ()))
+                except _NeedsKind:
+                    for kind in sorted({k for k, _ in meta.kind_arities}):
+                        sigs.update(self._internal(fid, ("kind", kind)))
         else:
             if (True, True) in sigs:
                 sigs[(True, False)] = self.trace(fid, (True, False))
@@ -937,10 +968,30 @@ class _Discovery:
                     f"that structure); make {base.split()[-1]} branch return what the others return."
                 )
 
-    def _trace_arity(self, fid, k):
+    def _internal(self, fid, prefix):
+        """The internal nodes' templates: one ``"map"``, or one per arity (of one kind)."""
+        meta, rec = self.meta, self.fns[fid]["rec"]
+        sig = lambda base: prefix + (base,) if prefix else base
+        try:
+            return {sig("map"): self.trace(fid, sig("map"))}
+        except _NeedsArity:
+            if prefix:
+                arities = [a for k, a in meta.kind_arities if k == prefix[1]]
+            elif meta.arities is None:
+                raise ValueError(
+                    f"{rec._name} iterates, indexes or measures node.children, which "
+                    f"specialises it per arity, but this forest has more than "
+                    f"{MAX_SPECIALISED_ARITIES} distinct arities. Use "
+                    "node.children.map(...) for variable-arity nodes."
+                ) from None
+            else:
+                arities = meta.arities
+            return {sig(k): self._trace_arity(fid, k, prefix) for k in arities}
+
+    def _trace_arity(self, fid, k, prefix=()):
         rec = self.fns[fid]["rec"]
         try:
-            return self.trace(fid, k)
+            return self.trace(fid, prefix + (k,) if prefix else k)
         except (TypeError, ValueError, IndexError) as e:
             if isinstance(e, _UsageError) or "branches on traced data" in str(e):
                 raise
@@ -986,7 +1037,7 @@ def _discover(rec, binding, meta, dyn_spec, data_spec) -> _Program:
     )
     passes = _schedule(fns, disc.calls)
     uses_rows = disc.uses_rows or any(f.direction == "down" for f in fns)
-    return _Program(fns, passes, 0, meta.key, uses_rows)
+    return _Program(fns, passes, 0, meta.key, uses_rows, meta.kinds)
 
 
 def _schedule(fns, calls) -> tuple:
@@ -1220,8 +1271,24 @@ def _replace(args, kwargs, pos, value):
     return args, kwargs
 
 
+def _is_down(signature) -> bool:
+    """Top-down signatures are ``(is_root, is_leaf)`` pairs."""
+    return isinstance(signature, tuple) and len(signature) == 2
+
+
+def _is_kinded(signature) -> bool:
+    return isinstance(signature, tuple) and len(signature) == 3
+
+
+def _plain(signature):
+    """A bottom-up signature without its kind: ``0``, ``"map"`` or an arity."""
+    return signature[2] if _is_kinded(signature) else signature
+
+
 def _describe(signature) -> str:
-    if isinstance(signature, tuple):
+    if _is_kinded(signature):
+        return f"{_describe(signature[2])} of kind {signature[1]}"
+    if _is_down(signature):
         is_root, is_leaf = signature
         where = "a root" if is_root else "a non-root node"
         return where + {None: "", True: " that is a leaf", False: " with children"}[is_leaf]

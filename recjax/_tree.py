@@ -17,6 +17,9 @@ class Tree:
       data: a pytree of scalars or arrays; every node of one forest must have the
         same structure, shapes and dtypes.
       children: the child nodes, in order.
+      kind: optional static tag (a string from a vocabulary declared to
+        ``Forest.from_trees(..., kinds=...)``); ``node.kind`` reads it and specialises
+        the trace per kind, like ``node.is_leaf``.
 
     Example:
       >>> import recjax as rj
@@ -25,9 +28,9 @@ class Tree:
       (2, 2.0, False)
     """
 
-    __slots__ = ("children", "data")
+    __slots__ = ("children", "data", "kind")
 
-    def __init__(self, data: Any, children: Iterable[Tree] = ()):
+    def __init__(self, data: Any, children: Iterable[Tree] = (), kind: Any = None):
         children = tuple(children)
         for i, child in enumerate(children):
             if not isinstance(child, Tree):
@@ -37,6 +40,7 @@ class Tree:
                 )
         self.data = data
         self.children = children
+        self.kind = kind
 
     @property
     def is_leaf(self) -> bool:

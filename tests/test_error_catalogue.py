@@ -141,6 +141,22 @@ def top_down_dag():
     depth.batch(rj.Forest.from_children([[1, 2], [3], [3], []]))
 
 
+def kind_without_kinds():
+    @rj.recursive
+    def f(node):
+        return node.data * (node.kind == "Add")
+
+    f.batch(forest())
+
+
+def kind_top_down():
+    @rj.recursive
+    def f(node):
+        return node.data if node.is_root else f(node.parent) * (node.kind == "Add")
+
+    f.batch(rj.Forest.from_parents([-1, 0], [1.0, 2.0], kind=["Add", "Num"], kinds=["Add", "Num"]))
+
+
 def stale_node():
     kept = []
 
@@ -277,6 +293,13 @@ CASES = {
     "children-in-top-down": (children_in_top_down, TypeError, r"f reads node.parent or node.is_root, which makes it top-down"),
     "top-down-dag": (top_down_dag, ValueError, r"top-down function\(s\) depth need one parent per node, but node 3"),
     "stale-node": (stale_node, TypeError, r"f was called on a node that belongs to no running call"),
+    "kind-length": (lambda: rj.Forest.from_parents([-1, 0], kind=["Add"], kinds=["Add"]), ValueError, r"kind has 1 entries for 2 nodes"),
+    "kinds-missing": (lambda: rj.Forest.from_trees([rj.Tree(1.0, kind="Add")]), ValueError, r"node 0 has kind 'Add' but no kinds= vocabulary was given"),
+    "kinds-duplicate": (lambda: rj.Forest.from_trees([rj.Tree(1.0, kind="Add")], kinds=["Add", "Add"]), ValueError, r"kinds= lists a kind twice"),
+    "kind-unknown": (lambda: rj.Forest.from_trees([rj.Tree(1.0, [rj.Tree(2.0, kind="Sub")], kind="Add")], kinds=["Add"]), ValueError, r"node 1 has kind 'Sub', which is not in the kinds= vocabulary"),
+    "pad-kinds-mismatch": (lambda: rj.Forest.pad_all([rj.Forest.from_trees([rj.Tree(1.0, kind="A")], kinds=["A"]), rj.Forest.from_trees([rj.Tree(1.0, kind="A")], kinds=["A", "B"])]), ValueError, r"Forest.pad_all: the forests have different kind vocabularies"),
+    "kind-without-kinds": (kind_without_kinds, TypeError, r"f reads node.kind, but the forest has no kinds"),
+    "kind-top-down": (kind_top_down, TypeError, r"f reads node.kind in a top-down function"),
     "pool-op": (lambda: forest().pool(jnp.ones(3), "median"), ValueError, r"Forest.pool: op must be 'sum', 'mean' or 'max', not 'median'"),
     "pool-shape": (lambda: forest().pool(jnp.ones(4)), ValueError, r"Forest.pool: values need a leading axis of num_nodes = 3, got shape \(4,\)"),
     "batch-on-tree": (lambda: add.batch(rj.Tree(1.0)), TypeError, r"add.batch\(...\) takes a Forest, not a Tree"),
@@ -350,7 +373,7 @@ def raise_texts(module):
         if not isinstance(node, ast.Raise) or node.exc is None:
             continue
         exc = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
-        if isinstance(exc, ast.Name) and exc.id in ("_NeedsArity", "_NeedsLeaf", "_IsTopDown"):
+        if isinstance(exc, ast.Name) and exc.id in ("_NeedsArity", "_NeedsKind", "_NeedsLeaf", "_IsTopDown"):
             # internal signals of the tracer, never escape
             continue
         text = strings(node.exc) + " " + " ".join(
