@@ -28,7 +28,8 @@ import numpy as np
 
 # Row widths of the step classes. A level takes the narrowest class that computes it in
 # at most _MAX_STEPS_PER_LEVEL steps; wider levels take several steps of the widest class.
-WIDTH_CLASSES = (8, 32, 128, 512)
+# Width 1 serves levels of one node only (chains, the tops of tall trees), in one step.
+WIDTH_CLASSES = (1, 8, 32, 128, 512)
 _MAX_STEPS_PER_LEVEL = 4
 
 
@@ -164,34 +165,59 @@ def concat_ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
 def heights(child_ptr: np.ndarray, child_idx: np.ndarray) -> np.ndarray:
     """Height of every node (0 for leaves, 1 + max over children otherwise).
 
-    Level-synchronous: one round of numpy operations per height, none per node, and no
-    recursion, so a 100,000-node chain is fine.
+    Runs of single-child nodes are contracted first by pointer jumping (O(N log L) for
+    runs of length L), then the remaining graph is resolved level-synchronously: one round
+    of numpy operations per level of nodes with 0 or several children, none per node, and
+    no recursion. A 100,000-node chain takes about 17 rounds.
 
     Raises:
       ValueError: the children graph has a cycle; the message lists the nodes on it.
     """
     n = child_ptr.shape[0] - 1
     degree = np.diff(child_ptr)
-    edge_parent = np.repeat(np.arange(n, dtype=np.int64), degree)
-    by_child = np.argsort(child_idx, kind="stable")
-    parent_sorted = edge_parent[by_child]
-    parent_ptr = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(np.bincount(child_idx, minlength=n), out=parent_ptr[1:])
-
-    pending = degree.astype(np.int64)
-    height = np.full(n, -1, dtype=np.int64)
-    frontier = np.flatnonzero(degree == 0)
-    h = 0
-    while frontier.size:
-        height[frontier] = h
-        starts = parent_ptr[frontier]
-        parents = parent_sorted[concat_ranges(starts, parent_ptr[frontier + 1] - starts)]
-        if parents.size == 0:
+    nodes = np.arange(n, dtype=np.int64)
+    # end[v]: the first node at or below v with other than one child; dist[v]: how far.
+    unary = degree == 1
+    end = nodes.copy()
+    end[unary] = child_idx[child_ptr[:-1][unary]]
+    dist = unary.astype(np.int64)
+    for _ in range(max(n, 1).bit_length() + 1):
+        nxt = end[end]
+        if np.array_equal(nxt, end):
             break
+        dist += dist[end]
+        end = nxt
+    stuck = end[end] != end  # on (or above) a cycle of single-child nodes
+
+    # Longest paths over the contracted graph: an edge p -> c counts dist[c] + 1 levels.
+    parent_of_edge = np.repeat(nodes, degree)
+    branching = ~unary
+    keep = branching[parent_of_edge]
+    e_parent, e_child = parent_of_edge[keep], child_idx[keep]
+    e_target, e_weight = end[e_child], dist[e_child] + 1
+    by_target = np.argsort(e_target, kind="stable")
+    target_ptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(e_target, minlength=n), out=target_ptr[1:])
+    in_parent, in_weight = e_parent[by_target], e_weight[by_target]
+
+    height = np.full(n, -1, dtype=np.int64)
+    best = np.zeros(n, dtype=np.int64)
+    pending = np.where(branching, degree, 0).astype(np.int64)
+    frontier = np.flatnonzero(branching & (degree == 0) & ~stuck)
+    while frontier.size:
+        height[frontier] = best[frontier]
+        starts = target_ptr[frontier]
+        sel = concat_ranges(starts, target_ptr[frontier + 1] - starts)
+        if sel.size == 0:
+            break
+        parents = in_parent[sel]
+        reach = np.repeat(height[frontier], target_ptr[frontier + 1] - starts) + in_weight[sel]
+        np.maximum.at(best, parents, reach)
         uniq, counts = np.unique(parents, return_counts=True)
         pending[uniq] -= counts
         frontier = uniq[pending[uniq] == 0]
-        h += 1
+    resolved = (height[end] >= 0) & ~stuck
+    height = np.where(resolved, height[end] + dist, -1)
     if (height < 0).any():
         raise ValueError(_describe_cycle(child_ptr, child_idx, height))
     return height
@@ -245,7 +271,8 @@ def _leaf_blocks(leaves, kind, row_of_node, at_least):
 def _width_class(n: np.ndarray) -> np.ndarray:
     """Narrowest width class that computes a level of ``n`` rows in few steps."""
     classes = np.array(WIDTH_CLASSES)
-    fits = -(-n[:, None] // classes[None, :]) <= _MAX_STEPS_PER_LEVEL
+    max_steps = np.where(classes == 1, 1, _MAX_STEPS_PER_LEVEL)
+    fits = -(-n[:, None] // classes[None, :]) <= max_steps[None, :]
     return np.where(fits.any(axis=1), classes[np.argmax(fits, axis=1)], classes[-1])
 
 

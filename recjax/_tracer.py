@@ -32,6 +32,14 @@ _DATA_FLOW_ERRORS = (
 )
 
 
+_CONSTRUCTS = {
+    "TracerBoolConversionError": "an `if`, `while`, `and`/`or` or `bool()`",
+    "TracerIntegerConversionError": "`range()`, a Python list index or `int()`",
+    "ConcretizationTypeError": "a Python value (a shape, a size, a `float()`)",
+    "TracerArrayConversionError": "a NumPy conversion (`np.asarray`)",
+}
+
+
 class _UsageError(TypeError):
     """A rule of recjax broken by the user's code: raised as is, never wrapped."""
 
@@ -81,10 +89,13 @@ def _call_user(frame, fn, args, kwargs, where):
     except (_NeedsArity, _NeedsKind, _NeedsLeaf, _IsTopDown, _EmptyReductionError, _UsageError):
         raise
     except _DATA_FLOW_ERRORS as e:
+        construct = _CONSTRUCTS.get(type(e).__name__, "Python control flow")
         raise TypeError(
-            f"{frame.rec._name} branches on traced data at {where}: {type(e).__name__}. "
-            "Python `if`/`for` may only test structure such as `node.is_leaf` or "
-            "`len(node.children)`; use `jnp.where` or `lax.cond` to branch on data."
+            f"{frame.rec._name} branches on traced data at {where}: {type(e).__name__} "
+            f"({construct} on a traced value). Python `if`/`for`/`while` may only test "
+            "structure such as `node.is_leaf`, `len(node.children)` or `node.kind`; use "
+            "`jnp.where` or `lax.cond`/`lax.switch` to branch on data, and "
+            "`lax.while_loop`/`lax.fori_loop` for loops whose length depends on data."
         ) from e
     except Exception as e:
         if frame.empty_reduction:
