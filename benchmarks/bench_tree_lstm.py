@@ -7,8 +7,8 @@ Run (not part of the test suite)::
 
 Everything is measured in one process, so the ratios hold even when absolute times drift
 (shared machine): recjax's plan, trace, lower and compile times, its steady-state forward
-and training step, a per-node baseline (one ``jax.jit``-ed cell per node kind, Python
-recursion over the trees) and a FLOP ceiling from a matmul timed on the same machine.
+and training step, a per-node baseline (one ``jax.jit``-ed cell per node kind, called
+from a Python walk over the trees) and a FLOP ceiling from a matmul timed on the same machine.
 Each steady-state number is the median of ``--repeats`` timed calls after warm-up, each
 ending in ``jax.block_until_ready``. See benchmarks/README.md for the method.
 """
@@ -19,131 +19,55 @@ import argparse
 import datetime
 import os
 import platform
-import statistics
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 import recjax as rj
 
-EMBED = 300
-HIDDEN = 150
-VOCAB = 20_000
-MEAN_LEAVES = 19
-MAX_LEAVES = 56
+# The model, the trees, the per-node baseline and the timing helpers are shared with the
+# pytest-benchmark suite (test_bench.py).
+from _timing import (
+    compile_aot,
+    cpu_seconds,
+    fmt_rate,
+    fmt_ratio,
+    matmul_seconds,
+    median_seconds,
+)
+from _workloads import (
+    EMBED,
+    HIDDEN,
+    VOCAB,
+    JaxPerNode,
+    binary_tree_lstm_model,
+    count_nodes,
+    make_params,
+    sst_like_trees,
+    tree_lstm,
+)
+
 SEED = 0
+MODEL = binary_tree_lstm_model(EMBED, HIDDEN)
 
 # Multiply-adds of one cell, counted as 2 FLOPs each: the leaf's x @ W ([300] @ [300, 450])
 # and the internal node's [hl, hr] @ U ([300] @ [300, 750]). The elementwise gates are ignored.
-LEAF_FLOPS = 2 * EMBED * 3 * HIDDEN
-INTERNAL_FLOPS = 2 * (2 * HIDDEN) * 5 * HIDDEN
+LEAF_FLOPS = MODEL.leaf_flops
+INTERNAL_FLOPS = MODEL.internal_flops
 # A training step computes the forward matmul and two of the same size backward
 # (the cotangent of the input and of the weights).
 TRAIN_FLOP_FACTOR = 3
 
 
-# ---------------------------------------------------------------------- the model
-
-# The two cells are plain functions shared by the recjax program and the baseline, so both
-# time exactly the same arithmetic.
-
-
-def leaf_cell(p, token):
-    x = p["emb"][token]
-    i, o, u = jnp.split(x @ p["W"] + p["b"], 3)
-    c = jax.nn.sigmoid(i) * jnp.tanh(u)
-    return jax.nn.sigmoid(o) * jnp.tanh(c), c
-
-
-def internal_cell(p, hl, cl, hr, cr):
-    i, fl, fr, o, u = jnp.split(jnp.concatenate([hl, hr]) @ p["U"] + p["bu"], 5)
-    c = jax.nn.sigmoid(i) * jnp.tanh(u) + jax.nn.sigmoid(fl) * cl + jax.nn.sigmoid(fr) * cr
-    return jax.nn.sigmoid(o) * jnp.tanh(c), c
-
-
-@rj.recursive
-def tree_lstm(p, node):
-    """Binary Tree-LSTM (Tai et al. 2015): returns ``(h, c)`` of the node."""
-    if node.is_leaf:
-        return leaf_cell(p, node.data["token"])
-    (hl, cl), (hr, cr) = [tree_lstm(p, ch) for ch in node.children]
-    return internal_cell(p, hl, cl, hr, cr)
-
-
-def make_params(rng):
-    normal = lambda shape, scale: (scale * rng.standard_normal(shape)).astype(np.float32)  # noqa: E731
-    return {
-        "emb": jnp.asarray(normal((VOCAB, EMBED), 0.1)),
-        "W": jnp.asarray(normal((EMBED, 3 * HIDDEN), EMBED**-0.5)),
-        "b": jnp.asarray(normal((3 * HIDDEN,), 0.1)),
-        "U": jnp.asarray(normal((2 * HIDDEN, 5 * HIDDEN), (2 * HIDDEN) ** -0.5)),
-        "bu": jnp.asarray(normal((5 * HIDDEN,), 0.1)),
-    }
-
-
-# ---------------------------------------------------------------------- data
-
-
-def sst_like_trees(rng, num_trees):
-    """Random binary trees shaped like SST parses: about 19 leaves on average, at most 56.
-
-    Leaf counts are gamma-distributed (mean 19, standard deviation about 9, like SST
-    sentence lengths), clipped to [2, 56], and the longest is set to 56 so every batch
-    contains the deepest case. Each tree is a random bracketing: merge a random pair of
-    adjacent nodes until one is left. Tokens are uniform over the vocabulary.
-    """
-    counts = np.clip(np.rint(rng.gamma(4.5, MEAN_LEAVES / 4.5, num_trees)), 2, MAX_LEAVES)
-    counts = counts.astype(int)
-    counts[np.argmax(counts)] = MAX_LEAVES
-    trees = []
-    for n in counts:
-        nodes = [rj.Tree({"token": np.int32(t)}) for t in rng.integers(VOCAB, size=n)]
-        while len(nodes) > 1:
-            i = int(rng.integers(len(nodes) - 1))
-            nodes[i : i + 2] = [rj.Tree({"token": np.int32(0)}, nodes[i : i + 2])]
-        trees.append(nodes[0])
-    return trees
-
-
-def count_nodes(trees):
-    leaves = internal = 0
-    stack = list(trees)
-    while stack:
-        t = stack.pop()
-        if t.is_leaf:
-            leaves += 1
-        else:
-            internal += 1
-            stack.extend(t.children)
-    return leaves, internal
-
-
 # ---------------------------------------------------------------------- baseline
 
-baseline_leaf = jax.jit(leaf_cell)
-baseline_internal = jax.jit(internal_cell)
-
-
-def baseline_tree(p, tree):
-    """``(h, c)`` of ``tree``'s root: Python recursion, one jitted cell call per node."""
-    if tree.is_leaf:
-        return baseline_leaf(p, tree.data["token"])
-    (hl, cl), (hr, cr) = [baseline_tree(p, ch) for ch in tree.children]
-    return baseline_internal(p, hl, cl, hr, cr)
-
-
-def baseline_forward(p, trees):
-    return [baseline_tree(p, t)[0] for t in trees]
-
-
-def baseline_loss(p, trees):
-    return sum(jnp.sum(baseline_tree(p, t)[0] ** 2) for t in trees)
-
-
-baseline_train = jax.grad(baseline_loss)  # not jitted: the recursion is Python
+# One jitted leaf cell and one jitted internal cell, called from a Python walk over each
+# tree (the cells are the ones recjax compiles).
+BASELINE = JaxPerNode(MODEL)
+baseline_forward = BASELINE.forward  # every root's h, [num_trees, HIDDEN]
+baseline_train = BASELINE.train  # jax.grad of the walk: not jitted, the walk is Python
 
 
 def baseline_train_frozen_embedding(p, trees):
@@ -155,59 +79,7 @@ def baseline_train_frozen_embedding(p, trees):
     """
     emb = p["emb"]
     cells = {k: v for k, v in p.items() if k != "emb"}
-    return jax.grad(lambda c: baseline_loss({**c, "emb": emb}, trees))(cells)
-
-
-# ---------------------------------------------------------------------- timing
-
-
-def timed(fn):
-    """Seconds taken by ``fn()`` including device completion, and its result."""
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(fn())
-    return time.perf_counter() - t0, out
-
-
-def median_seconds(fn, repeats, warmup=1):
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
-    return statistics.median(timed(fn)[0] for _ in range(repeats))
-
-
-def compile_aot(jitted, *args):
-    """Trace, lower and compile ``jitted`` ahead of time; returns (compiled, seconds dict)."""
-    t0 = time.perf_counter()
-    traced = jitted.trace(*args)
-    t1 = time.perf_counter()
-    lowered = traced.lower()
-    t2 = time.perf_counter()
-    compiled = lowered.compile()
-    t3 = time.perf_counter()
-    first, _ = timed(lambda: compiled(*args))
-    return compiled, {"trace": t1 - t0, "lower": t2 - t1, "compile": t3 - t2, "first_call": first}
-
-
-def matmul_seconds(m, k, n, rng, repeats):
-    """Median seconds of a jitted float32 ``[m, k] @ [k, n]``."""
-    a = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
-    b = jnp.asarray(rng.standard_normal((k, n)), jnp.float32)
-    mm = jax.jit(jnp.matmul).trace(a, b).lower().compile()
-    return median_seconds(lambda: mm(a, b), max(repeats, 20), warmup=3)
-
-
-def cpu_seconds():
-    """(CPU seconds used by the whole machine, by this process), to see other load.
-
-    Reads /proc/stat (Linux); the machine total is None elsewhere.
-    """
-    own = sum(os.times()[:2])
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-    except OSError:
-        return None, own
-    busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
-    return busy / os.sysconf("SC_CLK_TCK"), own
+    return jax.grad(lambda c: BASELINE.loss({**c, "emb": emb}, trees))(cells)
 
 
 # ---------------------------------------------------------------------- the run
@@ -223,7 +95,7 @@ def check_against_baseline(p, trees, h_all, roots, num_check):
     that is timed, and the training gradient on a small forest of the first trees."""
     sub = trees[:num_check]
     got = np.asarray(h_all)[np.asarray(roots)[:num_check]]
-    want = np.stack(baseline_forward(p, sub))
+    want = np.asarray(baseline_forward(p, sub))
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0, err_msg="root h")
     max_err = float(np.abs(got - want).max())
 
@@ -239,16 +111,6 @@ def check_against_baseline(p, trees, h_all, roots, num_check):
 
 def rate(n, seconds):
     return n / seconds
-
-
-def fmt_rate(x):
-    if x < 1e4:
-        return f"{x:,.0f}"
-    return f"{x / 1e3:,.1f} k" if x < 1e6 else f"{x / 1e6:,.2f} M"
-
-
-def fmt_ratio(x):
-    return f"{x:.1f}x" if x < 10 else f"{x:,.0f}x"
 
 
 def main(argv=None):

@@ -1,0 +1,89 @@
+"""Timing helpers shared by the benchmark suite and the standalone scripts.
+
+Every timed call ends in ``jax.block_until_ready`` so that asynchronous dispatch cannot
+make a call look faster than it is; medians, not means, so that a disturbed sample on a
+shared machine moves the result less.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def timed(fn):
+    """Seconds taken by ``fn()`` including device completion, and its result."""
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    return time.perf_counter() - t0, out
+
+
+def median_seconds(fn, repeats, warmup=1):
+    """Median seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    return statistics.median(timed(fn)[0] for _ in range(repeats))
+
+
+def compile_aot(jitted, *args):
+    """Trace, lower and compile ``jitted`` ahead of time, each step timed on its own.
+
+    Returns ``(compiled, seconds)`` where ``seconds`` has ``trace``, ``lower``,
+    ``compile`` and ``first_call`` (the compiled executable's first call on ``args``).
+    """
+    t0 = time.perf_counter()
+    traced = jitted.trace(*args)
+    t1 = time.perf_counter()
+    lowered = traced.lower()
+    t2 = time.perf_counter()
+    compiled = lowered.compile()
+    t3 = time.perf_counter()
+    first, _ = timed(lambda: compiled(*args))
+    return compiled, {"trace": t1 - t0, "lower": t2 - t1, "compile": t3 - t2, "first_call": first}
+
+
+def matmul_seconds(m, k, n, rng, repeats=20):
+    """Median seconds of a jitted float32 ``[m, k] @ [k, n]`` (at least 20 samples)."""
+    a = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal((k, n)), jnp.float32)
+    mm = jax.jit(jnp.matmul).trace(a, b).lower().compile()
+    return median_seconds(lambda: mm(a, b), max(repeats, 20), warmup=3)
+
+
+def matmul_flops_per_s(k, n, m=1024, seed=0):
+    """This machine's attainable float32 matmul rate for a ``[m, k] @ [k, n]`` product."""
+    return 2 * m * k * n / matmul_seconds(m, k, n, np.random.default_rng(seed))
+
+
+def cpu_seconds():
+    """(CPU seconds used by the whole machine, by this process), to see other load.
+
+    Reads /proc/stat (Linux); the machine total is None elsewhere.
+    """
+    own = sum(os.times()[:2])
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return None, own
+    busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+    return busy / os.sysconf("SC_CLK_TCK"), own
+
+
+def fmt_rate(x):
+    """A rate for a table: ``812``, ``46.4 k``, ``2.31 M``."""
+    if x < 1e4:
+        return f"{x:,.0f}"
+    return f"{x / 1e3:,.1f} k" if x < 1e6 else f"{x / 1e6:,.2f} M"
+
+
+def fmt_ratio(x):
+    """A ratio for a table: ``0.42x``, ``3.9x``, ``248x``."""
+    if x < 1:
+        return f"{x:.2f}x"
+    return f"{x:.1f}x" if x < 10 else f"{x:,.0f}x"
