@@ -28,9 +28,12 @@ import numpy as np
 
 # Row widths of the step classes. A level takes the narrowest class that computes it in
 # at most _MAX_STEPS_PER_LEVEL steps; wider levels take several steps of the widest class.
-# Width 1 serves levels of one node only (chains, the tops of tall trees), in one step.
+# Width 1 serves only a long run of one-node levels at the top of the forest (a chain, a
+# very deep tree): a short run (the top of the tallest tree of a random batch) stays in
+# width 8, so that whether a batch has one does not split its bucket.
 WIDTH_CLASSES = (1, 8, 32, 128, 512)
 _MAX_STEPS_PER_LEVEL = 4
+_MIN_WIDTH_1_RUN = 32
 
 
 def ladder(n: int) -> int:
@@ -270,10 +273,14 @@ def _leaf_blocks(leaves, kind, row_of_node, at_least):
 
 def _width_class(n: np.ndarray) -> np.ndarray:
     """Narrowest width class that computes a level of ``n`` rows in few steps."""
-    classes = np.array(WIDTH_CLASSES)
-    max_steps = np.where(classes == 1, 1, _MAX_STEPS_PER_LEVEL)
-    fits = -(-n[:, None] // classes[None, :]) <= max_steps[None, :]
-    return np.where(fits.any(axis=1), classes[np.argmax(fits, axis=1)], classes[-1])
+    classes = np.array(WIDTH_CLASSES[1:])
+    fits = -(-n[:, None] // classes[None, :]) <= _MAX_STEPS_PER_LEVEL
+    width = np.where(fits.any(axis=1), classes[np.argmax(fits, axis=1)], classes[-1])
+    # levels are in height order: a long run of one-node levels at the top gets width 1
+    run = n.size - (np.flatnonzero(n != 1)[-1] + 1 if (n != 1).any() else 0)
+    if run >= _MIN_WIDTH_1_RUN:
+        width[n.size - run :] = 1
+    return width
 
 
 def plan(

@@ -18,8 +18,8 @@ Example:
   Forest(num_nodes=5, num_roots=1, steps=2): 5 nodes (3 leaves, 2 internal), height 2
   part     levels  width  steps  rows  nodes  padding
   leaves   0           -      -     3      3     0.0%
-  phase 1  1-2         1      2     2      2     0.0%
-  total    0-2                2     5      5     0.0%
+  phase 1  1-2         8      2    16      2    87.5%
+  total    0-2                2    19      5    73.7%
   2 sequential steps after the leaves; 6 node rows (bucket); edge slots per step: ...
 """
 
@@ -130,12 +130,12 @@ def print_templates(fn: Recursive, *args: Any, **kwargs: Any) -> None:
       >>> print_templates(total, jnp.float32(2.0), forest)  # doctest: +ELLIPSIS
       total over Forest(num_nodes=3, num_roots=1, steps=1): 2 templates; every node returns float32[]
       == leaf (signature 0)
-      inputs: w float32[], total's outputs float32[3], node.data float32[], row int32[]
-      { lambda ; a:f32[] b:f32[3] c:f32[] d:i32[]. let
+      inputs: w float32[], total's outputs float32[10], node.data float32[], row int32[]
+      { lambda ; a:f32[] b:f32[10] c:f32[] d:i32[]. let
           e:f32[] = mul a c
       ...
       == internal node of any arity (signature "map", node.children.map)
-      inputs: w float32[], total's outputs float32[3], node.data float32[], row int32[], edges.rows int32[2], edges.segment int32[2], edges.position int32[2]
+      inputs: w float32[], total's outputs float32[10], node.data float32[], row int32[], edges.rows int32[2], edges.segment int32[2], edges.position int32[2]
       ...custom_vmap_call...
     """
     prepared, dyn_names = _prepare(fn, args, kwargs)
@@ -257,8 +257,8 @@ def plan_summary(forest: Forest) -> str:
       Forest(num_nodes=6, num_roots=1, steps=6): 6 nodes (1 leaves, 5 internal), height 5
       part     levels  width  steps  rows  nodes  padding
       leaves   0           -      -     1      1     0.0%
-      phase 1  1-5         1      6     6      5    16.7%
-      total    0-5                6     7      6    14.3%
+      phase 1  1-5         8      6    48      5    89.6%
+      total    0-5                6    49      6    87.8%
       6 sequential steps after the leaves; 6 node rows (bucket); edge slots per step: ...
     """
     plan = forest.plan

@@ -60,7 +60,7 @@ def test_print_templates_map(capsys):
     ]
     leaf, any_arity = got.values()
     # in the template's argument order: arguments, output buffers, data, the row's context
-    assert "inputs: w float32[], total's outputs float32[4], node.data float32[], row int32[]\n" in leaf
+    assert "inputs: w float32[], total's outputs float32[18], node.data float32[], row int32[]\n" in leaf
     assert "mul" in leaf and "custom_vmap_call" not in leaf
     # shown for a node owning as many edge slots as the forest's largest arity (2)
     assert "edges.rows int32[2], edges.segment int32[2], edges.position int32[2]\n" in any_arity
@@ -157,8 +157,8 @@ def test_plan_summary_exact():
         "Forest(num_nodes=5, num_roots=1, steps=2): 5 nodes (3 leaves, 2 internal), height 2",
         "part     levels  width  steps  rows  nodes  padding",
         "leaves   0           -      -     3      3     0.0%",
-        "phase 1  1-2         1      2     2      2     0.0%",
-        "total    0-2                2     5      5     0.0%",
+        "phase 1  1-2         8      2    16      2    87.5%",
+        "total    0-2                2    19      5    73.7%",
         f"2 sequential steps after the leaves; 6 node rows (bucket); edge slots per step: {edges}",
     ])
 
