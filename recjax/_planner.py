@@ -28,12 +28,15 @@ import numpy as np
 
 # Row widths of the step classes. A level takes the narrowest class that computes it in
 # at most _MAX_STEPS_PER_LEVEL steps; wider levels take several steps of the widest class.
-# Width 1 serves only a long run of one-node levels at the top of the forest (a chain, a
-# very deep tree): a short run (the top of the tallest tree of a random batch) stays in
-# width 8, so that whether a batch has one does not split its bucket.
-WIDTH_CLASSES = (1, 8, 32, 128, 512)
+# The narrowest class serves only a long run of one-node levels at the top of the forest
+# (a chain, a very deep tree): a short run (the top of the tallest tree of a random batch)
+# stays in width 8, so that whether a batch has one does not split its bucket. It is 2,
+# not 1: with 1-row steps XLA:CPU turns the row reads into dynamic slices and copies the
+# whole state buffer at every step (quadratic in the chain's length; 3x slower at 3,000
+# nodes, hidden 150); with 2-row steps it updates in place.
+WIDTH_CLASSES = (2, 8, 32, 128, 512)
 _MAX_STEPS_PER_LEVEL = 4
-_MIN_WIDTH_1_RUN = 32
+_MIN_NARROW_RUN = 32
 
 
 def ladder(n: int) -> int:
@@ -276,10 +279,10 @@ def _width_class(n: np.ndarray) -> np.ndarray:
     classes = np.array(WIDTH_CLASSES[1:])
     fits = -(-n[:, None] // classes[None, :]) <= _MAX_STEPS_PER_LEVEL
     width = np.where(fits.any(axis=1), classes[np.argmax(fits, axis=1)], classes[-1])
-    # levels are in height order: a long run of one-node levels at the top gets width 1
+    # levels are in height order: a long run of one-node levels at the top gets width 2
     run = n.size - (np.flatnonzero(n != 1)[-1] + 1 if (n != 1).any() else 0)
-    if run >= _MIN_WIDTH_1_RUN:
-        width[n.size - run :] = 1
+    if run >= _MIN_NARROW_RUN:
+        width[n.size - run :] = WIDTH_CLASSES[0]
     return width
 
 

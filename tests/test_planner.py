@@ -121,18 +121,18 @@ def test_planner_does_not_import_jax():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_width_1_only_for_long_one_node_runs():
+def test_narrowest_class_only_for_long_one_node_runs():
     chain = rj.Forest.from_parents(np.arange(-1, 99))  # 99 one-node levels
-    assert [p.width for p in chain.plan.key.phases] == [1]
+    assert [p.width for p in chain.plan.key.phases] == [2]
     assert chain.plan.key.phases[0].steps == _planner.ladder(99)
     # a short run of one-node levels (the top of the tallest tree) stays in width 8, so
     # random batches do not split their bucket on whether they have one
     short = rj.Forest.from_parents([-1, 0, 1, 2, 2, 3, 3, 4, 4])
-    assert 1 not in [p.width for p in short.plan.key.phases]
+    assert 2 not in [p.width for p in short.plan.key.phases]
     # a deep tree: a wide bottom and a long chain on top get one phase each
     parent = np.r_[-1, np.arange(0, 49), np.repeat(49, 20), np.arange(50, 70)]
     deep = rj.Forest.from_parents(parent)
-    assert [p.width for p in deep.plan.key.phases] == [8, 1]
+    assert [p.width for p in deep.plan.key.phases] == [8, 2]
 
 
 def test_chain_heights_take_few_rounds():
