@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import recjax as rj
-from recjax.data import AST_KINDS, python_functions
+from recjax.data import AST_KINDS, python_functions, with_ast_kinds
 
 KIND = {name: i for i, name in enumerate(AST_KINDS)}
 
@@ -67,23 +67,9 @@ def static(p, node):
     return cell(p, x, h_sum, p["U"][KIND[node.kind]], forget)
 
 
-def with_kinds(tree):
-    """A copy of a ``python_functions`` tree with ``kind`` tags (iterative)."""
-    order, stack = [], [tree]
-    while stack:
-        t = stack.pop()
-        order.append(t)
-        stack.extend(t.children)
-    copies = {}
-    for t in reversed(order):
-        copies[id(t)] = rj.Tree(t.data, [copies[id(c)] for c in t.children],
-                                kind=AST_KINDS[int(t.data["kind"])])
-    return copies[id(tree)]
-
-
 def params(key, embed, hidden):
     k = jax.random.split(key, 5)
-    n = lambda kk, shape, s: s * jax.random.normal(kk, shape)  # noqa: E731
+    n = lambda kk, shape, s: s * jax.random.normal(kk, shape)
     return {
         "emb": n(k[0], (len(AST_KINDS), embed), 1.0),
         "W": n(k[1], (embed, 3 * hidden), embed**-0.5),
@@ -114,12 +100,12 @@ def main():
     if args.quick:
         args.functions, args.hidden, args.repeats = 32, [32], 3
 
+    import argparse as argparse_module
     import json
     import textwrap
-    import argparse as argparse_module
 
     trees = python_functions([json.decoder, textwrap, argparse_module])[: args.functions]
-    kinded = [with_kinds(t) for t in trees]
+    kinded = [with_ast_kinds(t) for t in trees]
     start = time.perf_counter()
     plain = rj.Forest.from_trees(trees)
     plan_plain = time.perf_counter() - start
@@ -142,7 +128,7 @@ def main():
         rows = {}
         for name, fn, forest in (("lookup", lookup, plain), ("static", static, grouped)):
             fwd = jax.jit(lambda p, f, fn=fn: fn.batch(p, f)[0])
-            loss = lambda p, f, fn=fn: jnp.sum(fn.batch(p, f)[0][f.roots] ** 2)  # noqa: E731
+            loss = lambda p, f, fn=fn: jnp.sum(fn.batch(p, f)[0][f.roots] ** 2)
             train = jax.jit(jax.grad(loss))
             start = time.perf_counter()
             fwd_c = fwd.lower(p, forest).compile()

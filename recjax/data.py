@@ -59,6 +59,7 @@ __all__ = [
     "sst_sentences",
     "to_nested",
     "to_sst_string",
+    "with_ast_kinds",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -676,6 +677,37 @@ def _expand_ast(node: Any) -> tuple[dict, list]:
         raise _BadInput(f"is a {type(node).__name__}, not an ast.AST node")
     kind = _KIND_ID.get(type(node).__name__, _KIND_ID["<unknown>"])
     return {"kind": kind}, list(ast.iter_child_nodes(node))
+
+
+def with_ast_kinds(tree: Tree) -> Tree:
+    """A copy of a ``from_ast`` tree whose nodes carry their AST kind as a static tag.
+
+    ``kind`` is the name ``AST_KINDS[data["kind"]]``, so a ``@recursive`` function can
+    branch on ``node.kind == "Call"``; build the forest with
+    ``Forest.from_trees(trees, kinds=AST_KINDS)``. Shared subtrees stay shared.
+    Iterative: no recursion limit.
+
+    Example:
+      >>> import ast, recjax as rj
+      >>> tree = with_ast_kinds(from_ast(ast.parse("x + 1", mode="eval")))
+      >>> tree.kind, [c.kind for c in tree.children[0].children]
+      ('Expression', ['Name', 'Add', 'Constant'])
+      >>> rj.Forest.from_trees([tree], kinds=AST_KINDS).num_nodes
+      6
+    """
+    order, stack, seen = [], [tree], set()
+    while stack:
+        t = stack.pop()
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        order.append(t)
+        stack.extend(t.children)
+    copies: dict[int, Tree] = {}
+    for t in reversed(order):  # children are copied before their parents
+        kind = AST_KINDS[int(np.asarray(t.data["kind"]))]
+        copies[id(t)] = Tree(t.data, [copies[id(c)] for c in t.children], kind=kind)
+    return copies[id(tree)]
 
 
 def from_ast(node: ast.AST) -> Tree:

@@ -13,7 +13,7 @@ import pytest
 from models import assert_trees_close, stdlib_functions
 
 import recjax as rj
-from recjax.data import AST_KINDS
+from recjax.data import AST_KINDS, with_ast_kinds
 
 OPS = ["Num", "Add", "Mul", "Neg"]
 
@@ -90,22 +90,9 @@ def by_lookup(p, node):
     return jnp.tanh(x + h @ p["U"][node.data["kind"]])
 
 
-def tagged(tree):
-    order, stack = [], [tree]
-    while stack:
-        t = stack.pop()
-        order.append(t)
-        stack.extend(t.children)
-    copies = {}
-    for t in reversed(order):
-        kind = AST_KINDS[int(t.data["kind"])]
-        copies[id(t)] = rj.Tree(t.data, [copies[id(c)] for c in t.children], kind=kind)
-    return copies[id(tree)]
-
-
 def test_static_kinds_equal_weight_lookup_on_code_trees():
     plain = stdlib_functions()[:12]
-    trees = [tagged(t) for t in plain]
+    trees = [with_ast_kinds(t) for t in plain]
     k1, k2 = jax.random.split(jax.random.key(0))
     p = {"emb": jax.random.normal(k1, (len(AST_KINDS), 4)),
          "U": 0.5 * jax.random.normal(k2, (len(AST_KINDS), 4, 4))}
