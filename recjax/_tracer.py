@@ -800,9 +800,10 @@ class _Program(NamedTuple):
     uses_rows: bool  # some template reads node.index, or a pass runs top-down
     kinds: tuple | None  # the forest's kind vocabulary
 
-    def template(self, fid, signature, program):
-        return _template(self.fns[fid].rec, fid, self.fns[fid].binding, self.fns[fid].direction,
-                         signature, program)
+    def template(self, fid, signature, resolver):
+        """Function ``fid``'s template for ``signature``; calls resolve through ``resolver``."""
+        f = self.fns[fid]
+        return _template(f.rec, fid, f.binding, f.direction, signature, resolver)
 
 
 class _Runtime:
@@ -828,16 +829,17 @@ def _current_env():
     return _frames.stack[-1].env
 
 
-def _template(rec, fid, binding, direction, signature, program):
+def _template(rec, fid, binding, direction, signature, resolver):
     """The pure function ``(dynamic, env, data, ctx, edges) -> output`` of one signature.
 
-    ``ctx`` holds the row's own buffer ``row`` and, as needed, ``children`` (rows, fixed
+    Calls of recursive functions inside resolve through ``resolver``: a ``_Discovery``
+    (abstract traces) or a ``_Runtime`` (the executor's traces). ``ctx`` holds the row's own buffer ``row`` and, as needed, ``children`` (rows, fixed
     arity), ``parent`` (row) and ``index``; ``env`` maps function ids to buffers;
     ``edges`` are the step's child slots for a ``"map"`` signature.
     """
 
     def template(dynamic, env, data, ctx, edges):
-        frame = _TraceFrame(rec, fid, signature, direction, dynamic, env, ctx, edges, program)
+        frame = _TraceFrame(rec, fid, signature, direction, dynamic, env, ctx, edges, resolver)
         node = _TraceNode(data, frame)
         frame.node = node
         (args, kwargs), frame.rest = binding.rebuild(dynamic, node)
