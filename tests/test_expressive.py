@@ -150,11 +150,13 @@ def test_bidirectional_runs_two_passes_and_one_program_per_bucket():
         ("down", ["down_lstm"]),
         ("up", ["bidirectional"]),
     ]
-    a, b = rj.Forest.pad_all([forest, random_forest(4)[1]])
+    other = random_forest(4)[1]
+    want = [bidirectional.batch(p, forest), bidirectional.batch(p, other)]
+    a, b = rj.Forest.pad_all([forest, other])
     before = bidirectional._num_traces
     step = jax.jit(lambda p, f: bidirectional.batch(p, f))
-    step(p, a)
-    step(p, b)
+    for raw, padded, w in ((forest, a, want[0]), (other, b, want[1])):
+        np.testing.assert_allclose(step(p, padded)[: raw.num_nodes], w, atol=1e-6)
     assert bidirectional._num_traces == before + 1
     debug.print_templates(bidirectional, p, forest)  # prints every function's templates
 
