@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,27 @@ class _Meta:
     # A node with several parents, or a root that is also a child (-1 if none): top-down
     # passes need a single parent per node.
     shared_node: int = dataclasses.field(compare=False, hash=False, default=-1)
+
+
+class _PadShape(NamedTuple):
+    """The sizes ``Forest.pad_all`` pads to: equal shapes share compiled programs."""
+
+    key: _planner.PlanKey
+    num_roots: int
+    arities: tuple[int, ...]
+    kind_arities: tuple
+
+    def union(self, other: _PadShape) -> _PadShape:
+        return _PadShape(
+            self.key.union(other.key),
+            max(self.num_roots, other.num_roots),
+            tuple(sorted(set(self.arities) | set(other.arities))),
+            tuple(sorted(set(self.kind_arities) | set(other.kind_arities))),
+        )
+
+    def covers(self, other: _PadShape) -> bool:
+        """Whether a forest of shape ``other`` can be padded to this one."""
+        return self.union(other) == self
 
 
 @jax.tree_util.register_pytree_node_class
@@ -308,13 +329,26 @@ class Forest:
         )
 
     @classmethod
-    def pad_all(cls, forests: Sequence[Forest]) -> list[Forest]:
+    def pad_all(
+        cls, forests: Sequence[Forest], shapes: list | None = None, slack: float = 1.25
+    ) -> list[Forest]:
         """Pads every forest to one shape (the union of their plan keys, the most roots).
 
         The padded forests share one compiled program, inside ``f.batch`` and inside a
         jitted function that takes them as an argument. Each costs what the largest
-        needs, so pad together forests of similar size (for example one epoch's batches
-        after sorting the trees by size).
+        needs, so pad together forests of similar size (for example batches of random
+        trees, whose level widths are alike). Their plans use one set of step widths,
+        the set whose padded union computes the fewest rows, steps and phases.
+
+        With ``shapes``, a list of the shapes earlier calls padded to (updated in place),
+        the forests are padded to a listed shape instead when it holds them and computes
+        at most ``slack`` times the rows of their own union: that shape's program is
+        compiled already. Otherwise their union is appended to ``shapes``.
+
+        Args:
+          forests: forests with one kind vocabulary (or none).
+          shapes: optional list of earlier shapes to reuse (opaque items; start with []).
+          slack: how many times the rows of the forests' union a reused shape may compute.
 
         Example:
           >>> import recjax as rj
@@ -323,29 +357,61 @@ class Forest:
           >>> pa, pb = rj.Forest.pad_all([a, b])
           >>> pa._meta == pb._meta, pa.roots.shape == pb.roots.shape
           (True, True)
+          >>> seen = []
+          >>> _ = rj.Forest.pad_all([a, b], seen)
+          >>> (pc,) = rj.Forest.pad_all([b], seen)   # fits in the shape seen already
+          >>> pc._meta == pa._meta, len(seen)
+          (True, 1)
+          >>> (pd,) = rj.Forest.pad_all([a], seen)   # 10 rows; the listed shape has 18
+          >>> pd._meta == pa._meta, len(seen)
+          (False, 2)
         """
         forests = list(forests)
         if not forests:
             raise ValueError("Forest.pad_all got no forests.")
-        key = forests[0]._meta.key
-        for f in forests[1:]:
-            key = key.union(f._meta.key)
-        num_roots = _planner.ladder(max(int(np.count_nonzero(np.asarray(f.root_mask))) for f in forests))
-        arities: set[int] = set()
-        kind_arities: set = set()
-        for f in forests:
-            arities.update(f._meta.example_node)
-            kind_arities.update(f._meta.kind_arities)
         kinds = {f._meta.kinds for f in forests}
         if len(kinds) > 1:
             raise ValueError(
                 "Forest.pad_all: the forests have different kind vocabularies; build them "
                 "with one kinds= list."
             )
-        return [
-            f.padded(key, num_roots, tuple(sorted(arities)), tuple(sorted(kind_arities)))
-            for f in forests
-        ]
+        # One set of width classes for all: each forest choosing its own, their union
+        # would hold every class any of them chose.
+        classes = _planner.shared_classes([f.plan for f in forests])
+        forests = [f.padded(classes) for f in forests]
+        want = forests[0]._pad_shape()
+        for f in forests[1:]:
+            want = want.union(f._pad_shape())
+        if shapes is not None:
+            rows = want.key.num_buffer_rows
+            for s in sorted(shapes, key=lambda s: s.key.num_buffer_rows):
+                if s.covers(want) and s.key.num_buffer_rows <= slack * rows:
+                    out = [f._padded_to(s) for f in forests]
+                    # the plans are restricted to the shape's classes: check they fit
+                    if all(f._is_padded_to(s) for f in out):
+                        return out
+            shapes.append(want)
+        out = [f._padded_to(want) for f in forests]
+        assert all(f._is_padded_to(want) for f in out), (
+            "Forest.pad_all: forests padded to one shape differ: a bug in recjax"
+        )
+        return out
+
+    def _padded_to(self, shape: _PadShape) -> Forest:
+        return self.padded(shape.key, shape.num_roots, shape.arities, shape.kind_arities)
+
+    def _is_padded_to(self, shape: _PadShape) -> bool:
+        own = self._pad_shape()
+        return own.key == shape.key and own[2:] == shape[2:] and self.roots.shape[0] == shape.num_roots
+
+    def _pad_shape(self) -> _PadShape:
+        """The smallest shape ``pad_all`` can pad this forest to."""
+        return _PadShape(
+            self._meta.key,
+            _planner.ladder(int(np.count_nonzero(np.asarray(self.root_mask)))),
+            tuple(sorted(self._meta.example_node)),
+            tuple(sorted(self._meta.kind_arities)),
+        )
 
     @classmethod
     def _build(

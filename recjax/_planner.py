@@ -22,20 +22,30 @@ whose node-level values they borrow), so no value crosses from one tree to anoth
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
 
-# Row widths of the step classes. A level takes the narrowest class that computes it in
-# at most _MAX_STEPS_PER_LEVEL steps; wider levels take several steps of the widest class.
-# The narrowest class serves only a long run of one-node levels at the top of the forest
-# (a chain, a very deep tree): a short run (the top of the tallest tree of a random batch)
-# stays in width 8, so that whether a batch has one does not split its bucket. It is 2,
-# not 1: with 1-row steps XLA:CPU turns the row reads into dynamic slices and copies the
-# whole state buffer at every step (quadratic in the chain's length; 3x slower at 3,000
-# nodes, hidden 150); with 2-row steps it updates in place.
+# Row widths of the step classes. A plan uses the set of classes that minimises the rows
+# computed plus _STEP_COST rows per scan step and _PHASE_COST rows per class used (each
+# class is a phase: one loop to compile, forward and backward; measured on the CPU, a
+# Tree-LSTM training step compiles in 1.1 s with one phase and 2.8 s with three), see
+# _width_class. The narrowest class serves only a long run of one-node levels at the top
+# of the forest (a chain, a very deep tree): a short run (the top of the tallest tree of
+# a random batch) stays in the other classes, so that whether a batch has one does not
+# split its bucket. It is 2, not 1: with 1-row steps XLA:CPU turns the row reads into
+# dynamic slices and copies the whole state buffer at every step (quadratic in the
+# chain's length; 3x slower at 3,000 nodes, hidden 150); with 2-row steps it updates in
+# place.
 WIDTH_CLASSES = (2, 8, 32, 128, 512)
-_MAX_STEPS_PER_LEVEL = 4
+_STEP_COST = 64
+_PHASE_COST = 512
+# Every non-empty set of the classes _width_class chooses from (all but the narrowest).
+CLASS_SETS = np.array(
+    [[(s >> c) & 1 for c in range(len(WIDTH_CLASSES) - 1)] for s in range(1, 2 ** (len(WIDTH_CLASSES) - 1))],
+    dtype=bool,
+)  # [sets, classes]
 _MIN_NARROW_RUN = 32
 
 
@@ -144,6 +154,9 @@ class Plan:
       row_of_node: ``[num_node_rows]`` buffer row holding node i's output (0 for padding).
       phases: one ``PhaseTables`` per entry of ``key.phases``.
       height: ``[num_nodes]`` height of every node (0 for leaves).
+      class_steps: ``[sets, classes]`` steps each width class would take (before the
+        ladder) with each set of classes (``CLASS_SETS``); batches padded together
+        choose one set with ``shared_classes``.
     """
 
     key: PlanKey
@@ -151,6 +164,7 @@ class Plan:
     row_of_node: np.ndarray
     phases: tuple[PhaseTables, ...]
     height: np.ndarray
+    class_steps: np.ndarray
 
     @property
     def num_steps(self) -> int:
@@ -274,16 +288,66 @@ def _leaf_blocks(leaves, kind, row_of_node, at_least):
     return blocks, row_of_node, leaf_node
 
 
-def _width_class(n: np.ndarray) -> np.ndarray:
-    """Narrowest width class that computes a level of ``n`` rows in few steps."""
+def _width_class(n: np.ndarray, allowed: np.ndarray | None = None):
+    """Width class of each level (``n`` rows each, in height order), not growing with height.
+
+    For every set of classes, each level takes its cheapest class in the set (then the
+    width is made not to grow with height); the set chosen minimises what the plan will
+    cost (``_set_cost``): the rows computed, an overhead per scan step, and one per phase
+    (a loop that is compiled forward and backward). With ``allowed`` (a bool mask over
+    ``CLASS_SETS``' classes) only that set is used.
+
+    Returns:
+      ``(width, class_steps)``: ``[levels]`` widths and the ``[sets, classes]`` steps.
+    """
+    width = np.zeros(n.size, dtype=np.int64)
     classes = np.array(WIDTH_CLASSES[1:])
-    fits = -(-n[:, None] // classes[None, :]) <= _MAX_STEPS_PER_LEVEL
-    width = np.where(fits.any(axis=1), classes[np.argmax(fits, axis=1)], classes[-1])
     # levels are in height order: a long run of one-node levels at the top gets width 2
     run = n.size - (np.flatnonzero(n != 1)[-1] + 1 if (n != 1).any() else 0)
     if run >= _MIN_NARROW_RUN:
         width[n.size - run :] = WIDTH_CLASSES[0]
-    return width
+        n = n[: n.size - run]
+    if not n.size:
+        return width, np.zeros(CLASS_SETS.shape, dtype=np.int64)
+    steps = -(-n[:, None] // classes[None, :])  # [levels, classes]
+    level_cost = steps * (_STEP_COST + classes[None, :])
+    cost = np.where(CLASS_SETS[:, None, :], level_cost[None], np.iinfo(np.int64).max)
+    # [sets, levels]: the cheapest class of each level, then the running maximum from
+    # the top (class indices grow with the width), so that widths never grow with height
+    pick = np.maximum.accumulate(np.argmin(cost, axis=2)[:, ::-1], axis=1)[:, ::-1]
+    class_steps = np.stack(
+        [np.sum(np.where(pick == c, steps[None, :, c], 0), axis=1) for c in range(classes.size)],
+        axis=1,
+    )
+    if allowed is None or not allowed.any():
+        chosen = int(np.argmin(_set_cost(class_steps)))
+    else:
+        chosen = int(np.flatnonzero((CLASS_SETS == allowed).all(axis=1))[0])
+    width[: n.size] = classes[pick[chosen]]
+    return width, class_steps
+
+
+def _set_cost(class_steps: np.ndarray) -> np.ndarray:
+    """Cost of a plan per set of classes: ``ladder(steps) * (_STEP_COST + width)`` per
+    class plus ``_PHASE_COST`` per class used (``class_steps``: ``[sets, classes]``)."""
+    classes = np.array(WIDTH_CLASSES[1:])
+    laddered = np.vectorize(ladder, otypes=[np.int64])(class_steps)
+    return np.sum(laddered * (_STEP_COST + classes) + (class_steps > 0) * _PHASE_COST, axis=-1)
+
+
+def shared_classes(plans: Sequence[Plan]) -> PlanKey:
+    """The width classes for plans padded together: the set whose union costs least.
+
+    Returns a key with an empty phase of each chosen class: planning with it as
+    ``at_least`` restricts a forest to those classes, so the forests' phases agree
+    (each choosing its own set, random batches differ and their union holds every
+    class any of them chose).
+    """
+    steps = np.max(np.stack([p.class_steps for p in plans]), axis=0)
+    best = int(np.argmin(_set_cost(steps)))
+    used = CLASS_SETS[best] & (steps[best] > 0)
+    widths = [w for w, u in zip(WIDTH_CLASSES[1:], used) if u] or [WIDTH_CLASSES[1]]
+    return PlanKey(0, 0, tuple(PhaseKey(w, 0, 0) for w in widths[::-1]))
 
 
 def plan(
@@ -350,7 +414,10 @@ def plan(
     if kind is not None:
         kinds = tuple(sorted(set(group_kind.tolist()) | set(at_least.kinds if at_least else ())))
     # Classes must not grow with height so that each class is one run of levels.
-    level_class = np.maximum.accumulate(_width_class(level_size)[::-1])[::-1]
+    allowed = None
+    if at_least is not None:  # the classes of the key it must fit
+        allowed = np.isin(WIDTH_CLASSES[1:], [p.width for p in at_least.phases])
+    level_class, class_steps = _width_class(level_size, allowed)
     level_steps = -(-level_size // level_class)
     level_first = np.cumsum(level_size) - level_size  # index into `order`
     rank = np.arange(order.size) - np.repeat(level_first, level_size)
@@ -443,4 +510,5 @@ def plan(
         row_of_node=row_of_node.astype(np.int32),
         phases=tuple(tables),
         height=height,
+        class_steps=class_steps,
     )

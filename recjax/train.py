@@ -69,6 +69,7 @@ def batches(
     window: int = 16,
     prefetch: int = 2,
     sizes: np.ndarray | None = None,
+    shapes: list | None = None,
 ) -> Iterator[Batch]:
     """Yields one epoch of padded batches, planned in a background thread.
 
@@ -77,17 +78,20 @@ def batches(
       order = shuffle(range(len(trees)), seed, epoch)       # a new order every epoch
       if group_by_size: sort each run of window * batch_size trees by size
       groups = consecutive runs of batch_size trees, in a shuffled order
-      for every `window` groups: forests = Forest.pad_all([Forest.from_trees(g) ...])
-      yield Batch(forest, indices) for each
+      for every `window` groups:
+          forests = Forest.pad_all([Forest.from_trees(g) ...], shapes)
+          yield Batch(forest, indices) for each
 
-    Batches padded together share one compiled program. A batch's cost is its forest's
-    level widths, so random batches, whose totals are alike, pad together tightly:
-    measured on 8,544 SST-like trees in batches of 32 (benchmarks/RESULTS.md), random
-    batches in windows of 16 compute 1.60 rows per real node with 8 distinct shapes over
-    3 epochs, while sorting by size inside the window (``group_by_size=True``) puts small
-    and large batches in one window and computes 3.05; ``window`` as large as the epoch
-    gives one shape at 1.74. At most ``prefetch`` windows are planned ahead. An
-    exception in the loader thread is raised here.
+    Batches padded together share one compiled program, and a window that fits in a
+    shape padded to before (at most 1.25 times its rows, see ``Forest.pad_all``) reuses
+    it. A batch's cost is its forest's level widths, so random batches, whose totals are
+    alike, pad together tightly: measured on 8,544 SST-like trees in batches of 32
+    (benchmarks/RESULTS.md), random batches in windows of 16 compute 1.55 rows per real
+    node with 3 distinct shapes over 3 epochs (2, 1 and 0 new when the epochs share
+    ``shapes``), while sorting by size inside the window (``group_by_size=True``) puts
+    small and large batches in one window and computes about twice as many. At most
+    ``prefetch`` windows are planned ahead. An exception in the loader thread is
+    raised here.
 
     Args:
       trees: the dataset.
@@ -98,6 +102,8 @@ def batches(
       window: batches padded together (one shape per window).
       prefetch: windows planned ahead of the consumer.
       sizes: precomputed ``tree_sizes(trees)`` (computed when needed and not given).
+      shapes: the list of shapes earlier epochs padded to, updated in place (see
+        ``Forest.pad_all``); pass one list to every epoch. Default: a new list.
 
     Example:
       >>> import recjax as rj
@@ -123,8 +129,10 @@ def batches(
     for w in windows:  # batch order within a window is shuffled too
         rng.shuffle(w)
 
+    shapes = [] if shapes is None else shapes  # appended to by the loader thread only
+
     def plan_window(w):
-        forests = Forest.pad_all([Forest.from_trees([trees[j] for j in g]) for g in w])
+        forests = Forest.pad_all([Forest.from_trees([trees[j] for j in g]) for g in w], shapes)
         return [Batch(f, g) for f, g in zip(forests, w)]
 
     yield from _background(plan_window, windows, prefetch)
@@ -264,8 +272,10 @@ class FitResult(NamedTuple):
     Each ``history`` entry: ``epoch`` (1-based), ``loss`` (mean of the epoch's batch
     losses), ``metrics`` (``{name: sum / count}`` from ``eval_fn``; ``{}`` without one),
     ``nodes_per_s`` (real nodes trained on per second of the epoch's training, compilation
-    included) and ``seconds`` (training plus evaluation). Entries are plain floats, so the
-    history is JSON.
+    included), ``seconds`` (training plus evaluation) and ``new_shapes`` (batch shapes
+    first padded to in the epoch, so train-step programs it compiled unless an earlier
+    ``fit`` with the same ``loss_fn`` and ``optimizer`` compiled them). Entries are plain
+    numbers, so the history is JSON.
 
     Example:
       >>> FitResult(params={"w": 1.0}, opt_state=(), history=[])._fields
@@ -291,6 +301,7 @@ def fit(
     batch_size: int,
     labels: Any = None,
     seed: int = 0,
+    window: int = 16,
     eval_fn: Callable[[Any, Forest, Any], dict] | None = None,
     eval_trees: Sequence[Tree] | None = None,
     eval_labels: Any = None,
@@ -302,9 +313,10 @@ def fit(
 
     Equivalent program (plus timing, a progress bar and checkpoints)::
 
-      opt_state = optimizer.init(params)
+      opt_state, shapes = optimizer.init(params), []
       for epoch in range(epochs):          # from the checkpoint's next epoch when resuming
-          for batch in batches(trees, batch_size, seed=seed, epoch=epoch):
+          for batch in batches(trees, batch_size, seed=seed, epoch=epoch, window=window,
+                               shapes=shapes):
               rows = labels[batch.indices], padded to len(batch.forest.roots)
               loss, grads = jax.value_and_grad(loss_fn)(params, batch.forest, rows)
               updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -315,7 +327,9 @@ def fit(
 
     The step is one ``jax.jit``-ed function, compiled once per batch shape; ``loss_fn``
     and ``optimizer`` are its static (hashed) arguments, so calls of ``fit`` with the
-    same ones share the compiled programs. Batches are padded
+    same ones share the compiled programs. The epochs share their batch shapes (see
+    ``batches``): 8,544 SST-like trees in batches of 32 compile 2, 1 and 0 new programs
+    in their first three epochs; the history's ``new_shapes`` counts them. Batches are padded
     (see ``Forest.padded``): ``loss_fn`` must mask the padding, per root with
     ``forest.root_mask`` and per node with ``forest.node_mask`` (``masked_mean`` does
     both). Per-root targets come in ``labels``, aligned with ``trees``; per-node targets
@@ -334,6 +348,8 @@ def fit(
       labels: optional pytree of arrays with leading axis ``len(trees)`` (row ``i``
         belongs to ``trees[i]``).
       seed: the shuffle seed; epoch ``e`` uses ``batches(..., seed=seed, epoch=e)``.
+      window: batches padded together (see ``batches``): larger windows compile fewer
+        programs and compute more padding rows.
       eval_fn: ``eval_fn(params, forest, labels) -> {name: (sum, count)}`` on a padded
         evaluation batch, jitted; ``root_accuracy`` and friends return such pairs. For a
         mean of per-root values ``x``, return ``(jnp.sum(jnp.where(forest.root_mask, x,
@@ -349,7 +365,8 @@ def fit(
         (only when stderr is a terminal).
 
     Returns:
-      ``FitResult(params, opt_state, history)``, the history covering every epoch.
+      ``FitResult(params, opt_state, history)``, the history covering every epoch (see
+      ``FitResult``).
 
     Raises:
       ValueError: bad sizes, ``labels`` not aligned with ``trees``, ``eval_fn`` without
@@ -374,9 +391,10 @@ def fit(
       (3.0, 10, True)
     """
     trees = list(trees)
-    if epochs < 0 or batch_size < 1:
+    if epochs < 0 or batch_size < 1 or window < 1:
         raise ValueError(
-            f"fit needs epochs >= 0 and batch_size >= 1; got {epochs} and {batch_size}."
+            f"fit needs epochs >= 0, batch_size >= 1 and window >= 1; got {epochs}, "
+            f"{batch_size} and {window}."
         )
     if not trees:
         raise ValueError("fit: no training trees.")
@@ -404,6 +422,7 @@ def fit(
     sizes = tree_sizes(trees)
     num_batches = -(-len(trees) // batch_size)
     eval_batches = None
+    shapes: list = []  # batch shapes padded to so far: the compiled train steps
     for epoch in range(len(history), epochs):
         start = time.perf_counter()
         bar = tqdm(
@@ -414,8 +433,12 @@ def fit(
             file=sys.stderr,
         )
         with bar, contextlib.closing(
-            batches(trees, batch_size, seed=seed, epoch=epoch, sizes=sizes)
+            batches(
+                trees, batch_size, seed=seed, epoch=epoch, window=window, sizes=sizes,
+                shapes=shapes,
+            )
         ) as epoch_batches:
+            known = len(shapes)
             losses, nodes, shown = [], [], _Shown()
             for b in epoch_batches:
                 rows = _root_rows(labels, b)
@@ -435,6 +458,7 @@ def fit(
                 "metrics": {},
                 "nodes_per_s": float(sum(nodes) / max(train_s, 1e-9)),
                 "seconds": 0.0,
+                "new_shapes": len(shapes) - known,
             }
             if eval_fn is not None:
                 if eval_batches is None:

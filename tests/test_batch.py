@@ -266,8 +266,9 @@ def test_same_bucket_does_not_retrace():
         return jnp.tanh(l + r)
 
     rng = np.random.default_rng(0)
-    f1 = rj.Forest.from_trees([random_binary_tree(rng, 10) for _ in range(8)])
-    f2 = rj.Forest.from_trees([random_binary_tree(rng, 10) for _ in range(8)])
+    f1, f2 = rj.Forest.pad_all(
+        [rj.Forest.from_trees([random_binary_tree(rng, 10) for _ in range(8)]) for _ in range(2)]
+    )
     assert f1._meta == f2._meta  # same bucket; the trees differ
     assert f1.child_idx.tolist() != f2.child_idx.tolist()
     p = jnp.float32(0.1)

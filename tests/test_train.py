@@ -58,6 +58,41 @@ def test_windows_give_few_shapes_and_little_padding():
     assert waste < sorted_waste  # random batches pad together more tightly
 
 
+def test_epochs_sharing_shapes_reuse_programs_and_fit_counts_its_compiles():
+    rng = np.random.default_rng(4)
+    trees = [random_binary_tree(rng, int(rng.integers(1, 40))) for _ in range(480)]
+    shapes, new, rows, real = [], [], 0, 0
+    for epoch in range(3):
+        known = len(shapes)
+        for b in batches(trees, 16, seed=0, epoch=epoch, window=2, shapes=shapes):
+            assert any(b.forest._meta.key == s.key for s in shapes)  # padded to a listed shape
+            rows += b.forest.plan.key.num_buffer_rows
+            real += int(b.forest.node_mask.sum())
+        new.append(len(shapes) - known)
+    assert sum(new) < 3 * 15 // 2 and new[-1] < new[0]  # far fewer than one shape per window
+    exact = [b.forest.plan.key.num_buffer_rows for b in batches(trees, 16, window=1)]
+    assert rows / real < 1.25 * sum(exact) / (trees_nodes := sum(tree_sizes(trees)))
+
+    traces = []
+
+    def loss_fn(w, forest, targets):
+        traces.append(forest._meta)  # runs once per compiled train step
+        err = size_w.batch(w, forest)[forest.roots] - targets
+        return masked_mean(err**2, forest.root_mask)
+
+    targets = tree_sizes(trees).astype(np.float32)
+    _, _, history = fit(loss_fn, np.float32(0.5), trees, labels=targets, optimizer=optax.sgd(1e-4),
+                        epochs=3, batch_size=16, window=2, progress=False)
+    assert [h["new_shapes"] for h in history] == new  # the same shapes as above
+    assert len(traces) == sum(new) == len(set(traces))
+    assert trees_nodes == int(targets.sum())
+
+
+@rj.recursive
+def size_w(w, node):
+    return w + node.children.map(lambda c: size_w(w, c)).sum()
+
+
 def test_many_batches_through_the_thread_are_all_correct():
     """Planning runs in a thread while the device computes: every result is checked."""
     rng = np.random.default_rng(2)
