@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.custom_batching import custom_vmap
-from jax.extend.core import ClosedJaxpr, jaxpr_as_fun
+from jax.extend.core import ClosedJaxpr, DebugInfo, Jaxpr, Var, jaxpr_as_fun
 
 from . import _executor
 from ._forest import MAX_SPECIALISED_ARITIES, Forest
@@ -193,7 +193,9 @@ class _SegmentRagged(Ragged):
 
     Inside the template the row axis is ``vmap``-ed away; ``fn`` runs once per edge.
     The reduction is a ``custom_vmap`` whose rule sees the whole batch of rows: it
-    gathers the row-level values ``fn`` closes over onto the edges, evaluates ``fn``
+    computes the part of ``fn`` that does not depend on the child once per row (for
+    example ``x @ W_f`` in a Child-Sum forget gate, where ``x`` is the node's input),
+    gathers those row-level values onto the edges, evaluates the rest of ``fn``
     vectorised over the edges and reduces per row with ``jax.ops.segment_*``.
     """
 
@@ -226,20 +228,68 @@ class _SegmentRagged(Ragged):
 
         @reduce_one.def_vmap
         def rule(axis_size, in_batched, row, child_rows, positions, segment, consts):
-            consts_batched = in_batched[4]
+            row_fn, row_batched, edge_fn = _split_per_row(self._jaxpr, in_batched[4])
+            # Row-level values: once per row; those that vary by row go onto the edges.
             # Unused edge slots (segment == axis_size) borrow the last row's values;
             # the segment op drops them. Every row, padding included, owns >= 1 edge.
+            in_axes = [0 if b else None for b in in_batched[4]]
+            out_axes = [0 if b else None for b in row_batched]
+            per_row = jax.vmap(row_fn, in_axes=(in_axes,), out_axes=out_axes, axis_size=axis_size)(consts)
             owner = jnp.minimum(segment, axis_size - 1)
-            edge_consts = [c[owner] if b else c for c, b in zip(consts, consts_batched)]
-            axes = [0 if b else None for b in consts_batched]
-            values = jax.vmap(self._apply, in_axes=(0, 0, axes))(child_rows, positions, edge_consts)
-            out = jax.tree.map(
-                lambda v: _segment_reduce(op, v, segment, axis_size), values
-            )
+            per_edge = [v[owner] if b else v for v, b in zip(per_row, row_batched)]
+            flat = jax.vmap(edge_fn, in_axes=(0, 0, out_axes))(child_rows, positions, per_edge)
+            values = jax.tree.unflatten(self._out_tree, flat)
+            out = jax.tree.map(lambda v: _segment_reduce(op, v, segment, axis_size), values)
             return out, jax.tree.map(lambda _: True, out)
 
         reduced = reduce_one(self._row, edges.rows, edges.position, edges.segment, self._consts)
         return _combine(op, reduced, initial)
+
+
+def _split_per_row(jaxpr: Jaxpr, consts_batched):
+    """Splits the jaxpr of a ``children.map`` function into a per-row and a per-edge part.
+
+    ``jaxpr`` takes the child's row and index and closes over ``constvars``, of which
+    those flagged in ``consts_batched`` vary by row. Equations that read neither the
+    child nor an effect run once per row (loop-invariant code motion: the edges of a row
+    share their results); the rest runs per edge. Returns ``(row_fn, row_batched,
+    edge_fn)``: ``row_fn(consts)`` gives the row-level values the edge part reads,
+    ``row_batched`` says which of them vary by row, and ``edge_fn(child_row,
+    child_index, values)`` gives ``fn``'s flat outputs.
+    """
+    child = set(jaxpr.invars)
+    batched = {v for v, b in zip(jaxpr.constvars, consts_batched) if b}
+    row_eqns, edge_eqns = [], []
+    for eqn in jaxpr.eqns:
+        reads = [v for v in eqn.invars if isinstance(v, Var)]
+        if eqn.effects or any(v in child for v in reads):
+            edge_eqns.append(eqn)
+            child.update(eqn.outvars)
+        else:
+            row_eqns.append(eqn)
+            if any(v in batched for v in reads):
+                batched.update(eqn.outvars)
+    # What the edge part reads from the row part (or the constants), in a fixed order.
+    needed = {}
+    for v in [v for eqn in edge_eqns for v in eqn.invars] + list(jaxpr.outvars):
+        if isinstance(v, Var) and v not in child:
+            needed.setdefault(v, None)
+    needed = list(needed)
+    info = lambda part, n_in, n_out: DebugInfo(
+        "children.map", f"{part} part of a children.map function", (part,) * n_in, (part,) * n_out
+    )
+    row_jaxpr = Jaxpr(
+        [], list(jaxpr.constvars), needed, row_eqns,
+        debug_info=info("row", len(jaxpr.constvars), len(needed)),
+    )
+    edge_in = list(jaxpr.invars) + needed
+    edge_jaxpr = Jaxpr(
+        [], edge_in, list(jaxpr.outvars), edge_eqns,
+        effects=jaxpr.effects, debug_info=info("edge", len(edge_in), len(jaxpr.outvars)),
+    )
+    row_fn = lambda consts: jaxpr_as_fun(ClosedJaxpr(row_jaxpr, []))(*consts)
+    edge_fn = lambda r, i, values: jaxpr_as_fun(ClosedJaxpr(edge_jaxpr, []))(r, i, *values)
+    return row_fn, [v in batched for v in needed], edge_fn
 
 
 def _dense_reduce(op, v):

@@ -313,6 +313,45 @@ def test_attention_with_child_index_values_and_gradients():
     assert_trees_close(jax.grad(loss)(p), jax.grad(eager_loss)(p), atol=1e-4)
 
 
+@rj.recursive
+def gated(p, node):
+    """Child terms that mix a row-level product (``x @ W``, once per node) with the child's."""
+    x = jnp.tanh(p["emb"][node.data["token"]])
+    zeros = jnp.zeros(5)
+    xw = node.children.map(lambda c: x @ p["W"]).sum(initial=zeros)  # len(children) * (x @ W)
+    mixed = node.children.map(lambda c: jax.nn.sigmoid(x @ p["W"] + gated(p, c)) * gated(p, c))
+    return jnp.tanh(xw + mixed.sum(initial=zeros) + x[:1])
+
+
+def _dot_lhs_rows(jaxpr, rhs_shape):
+    """Leading sizes of every ``dot_general`` lhs whose rhs has ``rhs_shape``, nested jaxprs too."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general" and eqn.invars[1].aval.shape == rhs_shape:
+            found.append(eqn.invars[0].aval.shape[0])
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found += _dot_lhs_rows(sub, rhs_shape)
+    return found
+
+
+def test_map_computes_what_does_not_depend_on_the_child_once_per_node():
+    """``x @ W`` inside ``children.map`` runs on the step's rows, not on its child slots,
+    and the values and gradients still equal plain recursion."""
+    trees, forest = random_forest(41, num_trees=6, max_nodes=40, max_arity=6)
+    k = jax.random.split(jax.random.key(2), 2)
+    p = {"emb": jax.random.normal(k[0], (7, 3)), "W": 0.5 * jax.random.normal(k[1], (3, 5))}
+    np.testing.assert_allclose(gated.batch(p, forest), stack(eager_rows(gated, trees, p)), atol=1e-5)
+    loss = lambda p: jnp.sum(gated.batch(p, forest)[forest.roots] ** 2)
+    eager_loss = lambda p: sum(jnp.sum(gated(p, t) ** 2) for t in trees)
+    assert_trees_close(jax.grad(loss)(p), jax.grad(eager_loss)(p), atol=1e-4)
+
+    widths = {ph.width for ph in forest.plan.key.phases}
+    edges = {ph.edges for ph in forest.plan.key.phases}
+    assert not widths & edges  # so that the two are told apart below
+    rows = _dot_lhs_rows(jax.make_jaxpr(gated.batch)(p, forest).jaxpr, (3, 5))
+    assert rows and set(rows) <= widths, (rows, widths, edges)
+
+
 def test_child_index_with_fixed_arity_and_node_index_bottom_up():
     @rj.recursive
     def weighted(node):
