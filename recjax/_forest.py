@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import itertools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -139,6 +141,11 @@ class Forest:
                 raise TypeError(
                     f"Forest.from_trees: element {i} is a {type(t).__name__}, not an rj.Tree."
                 )
+        with _gc_paused():
+            return cls._from_tree_objects(trees, kinds)
+
+    @classmethod
+    def _from_tree_objects(cls, trees: list[Tree], kinds) -> Forest:
         # Iterative pre-order; a node reached again (a DAG) keeps its first number. A
         # cycle (possible only by reassigning Tree.children) is reported by the planner.
         ids: dict[int, int] = {}
@@ -640,9 +647,42 @@ def _canonical(a: np.ndarray, where: str) -> np.ndarray:
     return a.astype(jax.dtypes.canonicalize_dtype(a.dtype), copy=False)
 
 
+@contextlib.contextmanager
+def _gc_paused():
+    """Pauses Python's cyclic garbage collector (restoring its state after).
+
+    Converting Python trees allocates a few objects per node and frees none; each
+    automatic collection then walks every live object, the user's whole dataset of
+    ``Tree`` objects included. Measured on 256 complete binary trees of 255 nodes:
+    ``from_trees`` 658 ms with the collector running, 263 ms paused.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+_SCALAR_TYPES = (bool, int, float, complex, np.generic, np.ndarray)
+
+
 def _stack_tree_data(datas: list) -> Any:
     """Stacks per-node data pytrees into one pytree of ``[N, ...]`` arrays, checking the schema."""
-    flat0, treedef = jax.tree_util.tree_flatten_with_path(datas[0])
+    first = datas[0]
+    if type(first) is dict and all(
+        isinstance(k, str) and isinstance(v, _SCALAR_TYPES) for k, v in first.items()
+    ):
+        # The common case, a flat dict of scalars or arrays: columns by key, without a
+        # pytree flatten per node (which dominated the conversion of large batches).
+        keys = first.keys()
+        if all(type(d) is dict and d.keys() == keys for d in datas):
+            names = sorted(keys)  # the pytree order of dict keys
+            stacked = [_stack_column(tuple(d[k] for d in datas)) for k in names]
+            if all(a is not None for a in stacked):
+                return {k: _canonical(a, f"data[{k!r}]") for k, a in zip(names, stacked)}
+    flat0, treedef = jax.tree_util.tree_flatten_with_path(first)
     paths = [jax.tree_util.keystr(p) for p, _ in flat0]
     flatten = jax.tree_util.tree_flatten
     rows = [flatten(d) for d in datas]
@@ -682,8 +722,8 @@ def _stack_column(column: tuple) -> np.ndarray | None:
     if len(kinds) != 1:
         return None
     (kind,) = kinds
-    if kind in (bool, int, float, complex):
-        return np.array(column)
+    if kind in (bool, int, float, complex) or issubclass(kind, np.generic):
+        return np.array(column)  # one scalar type: one dtype (np.int32 and so on), shape ()
     if issubclass(kind, (np.ndarray, np.generic)):
         if len({(a.shape, a.dtype) for a in column}) != 1:
             return None

@@ -61,6 +61,33 @@ def test_data_schema_mismatch_lists_every_bad_node():
         rj.Forest.from_trees([rj.Tree("text")])
 
 
+def test_flat_dict_data_stacks_by_key_and_the_collector_is_restored():
+    """The by-key fast path for flat dicts gives the pytree path's arrays; converting
+    pauses the garbage collector and restores its state, also after an error."""
+    import gc
+
+    rows = [{"b": np.float32(i), "a": i % 2 == 0, "v": np.full(2, i, np.int32), "x": 0.5 * i} for i in range(5)]
+    trees = [rj.Tree(rows[0], [rj.Tree(r) for r in rows[1:3]]), rj.Tree(rows[3], [rj.Tree(rows[4])])]
+    data = rj.Forest.from_trees(trees).data
+    assert list(data) == ["a", "b", "v", "x"]  # pytree (sorted) key order
+    np.testing.assert_array_equal(data["a"], [True, False, True, False, True])
+    assert data["b"].dtype == np.float32 and data["v"].shape == (5, 2) and data["v"].dtype == np.int32
+    np.testing.assert_array_equal(data["x"], 0.5 * np.arange(5))
+    nested = rj.Forest.from_trees([rj.Tree({"p": {"q": 1.0}}), rj.Tree({"p": {"q": 2.0}})]).data
+    np.testing.assert_array_equal(nested["p"]["q"], [1.0, 2.0])
+
+    assert gc.isenabled()
+    with pytest.raises(ValueError, match="node 1: data"):
+        rj.Forest.from_trees([rj.Tree({"x": 1.0}), rj.Tree({"x": 2})])
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        rj.Forest.from_trees(trees)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
 def test_empty_forest():
     for build in (
         lambda: rj.Forest.from_trees([]),
