@@ -409,6 +409,9 @@ def fit(
     elif eval_labels is not None:
         raise ValueError("fit: eval_labels without eval_trees.")
 
+    # Strongly typed arrays: the optimizer returns strong types, so weakly typed params
+    # (a Python float, ``jnp.array(0.5)``) would compile the first shape's step twice.
+    params = jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.asarray(x).dtype), params)
     opt_state = optimizer.init(params)
     history: list[dict] = []
     config = {"seed": int(seed), "batch_size": int(batch_size), "num_trees": len(trees)}

@@ -81,7 +81,9 @@ def test_epochs_sharing_shapes_reuse_programs_and_fit_counts_its_compiles():
         return masked_mean(err**2, forest.root_mask)
 
     targets = tree_sizes(trees).astype(np.float32)
-    _, _, history = fit(loss_fn, np.float32(0.5), trees, labels=targets, optimizer=optax.sgd(1e-4),
+    # A weakly typed parameter (a Python float): the optimizer's strongly typed update must
+    # not make the first shape compile twice.
+    _, _, history = fit(loss_fn, 0.5, trees, labels=targets, optimizer=optax.sgd(1e-4),
                         epochs=3, batch_size=16, window=2, progress=False)
     assert [h["new_shapes"] for h in history] == new  # the same shapes as above
     assert len(traces) == sum(new) == len(set(traces))
