@@ -178,3 +178,18 @@ def test_chain_heights_take_few_rounds():
     ptr = np.r_[np.arange(n), n - 1]
     idx = np.arange(1, n)
     np.testing.assert_array_equal(_planner.heights(ptr, idx), np.arange(n - 1, -1, -1))
+    # A left-deep binary chain (each internal node: the next one and a leaf), with up to
+    # three more leaves here and there: contracted like a single-child chain (a round per
+    # level would take minutes at this size).
+    rng = np.random.default_rng(0)
+    extra = rng.integers(0, 4, n) * (rng.random(n) < 0.1)
+    kids, nxt = [], n  # internal nodes 0..n-1, leaves numbered from n
+    for i in range(n):
+        leaves = list(range(nxt, nxt + 1 + int(extra[i])))
+        nxt += len(leaves)
+        kids.append(([i + 1] if i + 1 < n else []) + leaves)
+    kids += [[] for _ in range(nxt - n)]
+    ptr = np.r_[0, np.cumsum([len(k) for k in kids])]
+    idx = np.fromiter((c for k in kids for c in k), np.int64)
+    want = np.r_[np.arange(n, 0, -1), np.zeros(nxt - n, np.int64)]
+    np.testing.assert_array_equal(_planner.heights(ptr, idx), want)
