@@ -320,6 +320,8 @@ class Children:
     with a weight per child position). ``map(fn)`` instead calls ``fn(child)`` on a
     symbolic child and returns a ``Ragged`` value: one template for every arity,
     executed with segment ops (right for child-sum cells over nodes with many children).
+    The part of ``fn`` that reads only node-level values (``x @ W_f`` in a forget gate
+    closing over the node's input ``x``) runs once per node, not once per child.
     Every child has ``child.index``, its position among the node's children.
     """
 
