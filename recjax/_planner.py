@@ -39,7 +39,12 @@ import numpy as np
 # chain's length; 3x slower at 3,000 nodes, hidden 150); with 2-row steps it updates in
 # place.
 WIDTH_CLASSES = (2, 8, 32, 128, 512)
-_STEP_COST = 64
+# 32, not 64: with 64, a batch of 32 ASTs took a 128-row class for a level of 19 nodes
+# and padded its 13 steps to 16; with 32 the level takes three 8-row steps, and Child-Sum
+# training ran 1.75x faster (52 -> 29 ms), other suite workloads within noise, SST
+# batch 256 in one phase (128x48: compile 2.9 -> 1.5 s). Per-step overheads are larger
+# on a GPU: this constant should come from the backend (not measured yet).
+_STEP_COST = 32
 _PHASE_COST = 512
 # Every non-empty set of the classes _width_class chooses from (all but the narrowest).
 CLASS_SETS = np.array(
