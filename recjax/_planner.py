@@ -41,9 +41,10 @@ import numpy as np
 WIDTH_CLASSES = (2, 8, 32, 128, 512)
 # 32, not 64: with 64, a batch of 32 ASTs took a 128-row class for a level of 19 nodes
 # and padded its 13 steps to 16; with 32 the level takes three 8-row steps, and Child-Sum
-# training ran 1.75x faster (52 -> 29 ms), other suite workloads within noise, SST
-# batch 256 in one phase (128x48: compile 2.9 -> 1.5 s). Per-step overheads are larger
-# on a GPU: this constant should come from the backend (not measured yet).
+# training ran 1.75x faster (52 -> 29 ms; mostly because its temporaries fell from 34.6
+# to 28.0 MiB, under this CPU's 32 MiB L3: see benchmarks/RESULTS.md), other suite
+# workloads within noise, SST batch 256 in one phase (128x48: compile 2.9 -> 1.5 s).
+# Per-step overheads are larger on a GPU: this constant should come from the backend.
 _STEP_COST = 32
 _PHASE_COST = 512
 # Every non-empty set of the classes _width_class chooses from (all but the narrowest).
