@@ -345,7 +345,9 @@ class Forest:
         jitted function that takes them as an argument. Each costs what the largest
         needs, so pad together forests of similar size (for example batches of random
         trees, whose level widths are alike). Their plans use one set of step widths,
-        the set whose padded union computes the fewest rows, steps and phases.
+        the set whose padded union computes the fewest rows, steps and phases. The
+        union's step counts and leaf rows are rounded up ``ladder``'s coarse rungs (a
+        forest alone is planned on finer ones), so that later batches fit the shape.
 
         With ``shapes``, a list of the shapes earlier calls padded to (updated in place),
         the forests are padded to a listed shape instead when it holds them and computes
@@ -389,6 +391,8 @@ class Forest:
         want = forests[0]._pad_shape()
         for f in forests[1:]:
             want = want.union(f._pad_shape())
+        # a new shape is rounded up the coarse ladder, so that later batches fit it
+        want = want._replace(key=want.key.coarse())
         if shapes is not None:
             rows = want.key.num_buffer_rows
             for s in sorted(shapes, key=lambda s: s.key.num_buffer_rows):

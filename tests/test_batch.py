@@ -60,6 +60,26 @@ def test_binary_tree_lstm_matches_eager(seed, jit):
     assert_trees_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+def test_steps_mixing_levels_match_eager():
+    """The planner fills a level's last step with nodes of the levels above (a batch of
+    random trees): values and gradients are still those of plain recursion."""
+    rng = np.random.default_rng(7)
+    trees = [random_binary_tree(rng, int(rng.integers(2, 30))) for _ in range(48)]
+    forest = rj.Forest.from_trees(trees)
+    plan = forest.plan
+    mixed = [
+        len(set(plan.height[t.node[s][t.degree[s] > 0]].tolist())) > 1
+        for t in plan.phases
+        for s in range(t.node.shape[0])
+    ]
+    assert any(mixed), plan.key  # the test needs a packed plan
+    p = tree_lstm_params(jax.random.key(3))
+    assert_trees_close(jax.jit(tree_lstm.batch)(p, forest), eager_all_nodes(tree_lstm, (p,), trees))
+    got = jax.jit(jax.grad(root_loss_batched(tree_lstm, forest)))(p)
+    want = jax.grad(root_loss_eager(tree_lstm, trees))(p)
+    assert_trees_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("jit", [False, True])
 def test_child_sum_over_python_asts(jit):
     trees = stdlib_functions()

@@ -100,14 +100,63 @@ def test_ladder_is_geometric_and_monotone():
     assert len(set(values)) < 30  # few buckets
 
 
+def test_fine_ladder_pads_at_most_a_quarter_and_pad_all_rounds_up_the_coarse_one():
+    values = [_planner.fine_ladder(n) for n in range(5000)]
+    assert all(v >= n for n, v in enumerate(values))
+    assert all(b >= a for a, b in zip(values, values[1:]))
+    assert all(v <= 1.25 * n for n, v in enumerate(values) if n >= 1)
+    assert {_planner.ladder(n) for n in range(4097)} <= set(values)  # coarse rungs are rungs
+    rng = np.random.default_rng(0)
+    forests = [rj.Forest.from_trees([random_binary_tree(rng, 20) for _ in range(40)]) for _ in range(2)]
+    for f in rj.Forest.pad_all(forests):
+        key = f.plan.key
+        assert key.num_leaf_rows == _planner.ladder(key.num_leaf_rows)
+        assert all(p.steps == _planner.ladder(p.steps) for p in key.phases)
+
+
+def _level_layout_steps(plan, width_of_level):
+    """Steps if every level started a step: the layout before steps were packed."""
+    h = plan.height[plan.height > 0]
+    sizes = np.bincount(h)[1:]
+    return int(np.sum(-(-sizes // width_of_level)))
+
+
+def test_steps_are_filled_across_levels():
+    """A batch of random binary trees: a level's last step is topped up with nodes of the
+    levels above whose children are done, so steps hold several heights and the plan
+    computes few padding rows."""
+    rng = np.random.default_rng(0)
+    sizes = np.clip(np.rint(rng.gamma(4.5, 19 / 4.5, 256)), 2, 56).astype(int)  # SST-like
+    forest = rj.Forest.from_trees([random_binary_tree(rng, int(n)) for n in sizes])
+    plan, key = forest.plan, forest.plan.key
+    pk, t = key.phases[0], plan.phases[0]
+    real = t.degree > 0
+    heights = [set(plan.height[t.node[s][real[s]]].tolist()) for s in range(pk.steps)]
+    assert max(len(h) for h in heights) > 1  # steps mix levels
+    internal = int(np.count_nonzero(plan.height > 0))
+    rows = sum(p.width * p.steps for p in key.phases)
+    assert rows <= 1.2 * internal, (rows, internal)
+    assert pk.steps < _level_layout_steps(plan, pk.width)
+    # children always come first (as in test_plan_invariants, on this packed plan)
+    row = plan.row_of_node
+    for s in range(pk.steps):
+        for r in np.flatnonzero(real[s]):
+            kids = forest.children(int(t.node[s, r]))
+            assert (row[kids] < key.num_leaf_rows + s * pk.width + sum(
+                p.width * p.steps for p in key.phases[: key.phases.index(pk)])).all()
+
+
 def test_similar_batches_share_a_bucket():
     rng = np.random.default_rng(0)
-    keys = set()
+    keys, shapes, padded = set(), [], set()
     for _ in range(30):
         n = int(rng.integers(900, 1000))
         parent = np.array([-1] + [int(rng.integers(max(0, i - 3), i)) for i in range(1, n)])
-        keys.add(rj.Forest.from_parents(parent, np.zeros(n)).plan.key)
-    assert len(keys) <= 6
+        forest = rj.Forest.from_parents(parent, np.zeros(n))
+        keys.add(forest.plan.key)
+        padded.add(rj.Forest.pad_all([forest], shapes)[0].plan.key)
+    assert len(keys) <= 10  # alone, on the fine ladder
+    assert len(padded) <= 4  # through pad_all (as fit does), on the coarse one
 
 
 def test_planner_does_not_import_jax():
@@ -125,7 +174,7 @@ def test_planner_does_not_import_jax():
 def test_narrowest_class_only_for_long_one_node_runs():
     chain = rj.Forest.from_parents(np.arange(-1, 99))  # 99 one-node levels
     assert [p.width for p in chain.plan.key.phases] == [2]
-    assert chain.plan.key.phases[0].steps == _planner.ladder(99)
+    assert chain.plan.key.phases[0].steps == _planner.fine_ladder(99)
     # a short run of one-node levels (the top of the tallest tree) stays in width 8, so
     # random batches do not split their bucket on whether they have one
     short = rj.Forest.from_parents([-1, 0, 1, 2, 2, 3, 3, 4, 4])
@@ -140,7 +189,7 @@ def _plan_cost(level_size, width):
     """The cost ``_width_class`` minimises, for one assignment of widths to levels."""
     steps = -(-level_size // width)
     return sum(
-        _planner.ladder(int(steps[width == w].sum())) * (_planner._STEP_COST + w)
+        _planner.fine_ladder(int(steps[width == w].sum())) * (_planner._STEP_COST + w)
         + _planner._PHASE_COST
         for w in np.unique(width)
     )
