@@ -491,15 +491,16 @@ def _pack(nodes, width, child_ptr, child_idx, depth, scratch) -> np.ndarray:
 
     Laid out one level after another, each level's last step is partly padding. Here
     the nodes are taken by their distance from the top of the phase (``depth``), farthest
-    first (Hu's list schedule, optimal for trees: nodes on long paths go first), and
-    each group of equal depth first fills the free rows of the last step, as many of its nodes as have no
-    child in that step (their children are deeper, so placed already, in earlier
-    steps), the rest starting the next step. So a node comes after its children: in an
-    earlier step or an earlier phase. One round of numpy operations per depth.
-    ``scratch``: ``[num_nodes]`` all -1; it holds the slots while this runs.
+    first, as in Hu's list schedule (optimal for trees: nodes on long paths go first).
+    Each group of equal depth first fills the free rows of the last step, as many of its
+    nodes as have no child in that step (their children are deeper, so placed already),
+    and the rest start the next step. So a node comes after its children: in an earlier
+    step or an earlier phase. Unlike Hu's schedule, rows that a group leaves free stay
+    free (a later group's ready nodes do not fill them); one round of numpy operations
+    per depth. ``scratch``: ``[num_nodes]`` all -1; it holds the slots while this runs.
 
-    For a batch of 256 random binary trees (4,511 internal nodes, 13 levels) at width 128
-    this takes 37 steps where the level-by-level layout takes 44.
+    For a batch of 256 SST-like binary trees (4,511 internal nodes, 13 levels) at width
+    128 this takes 39 steps where the level-by-level layout takes 44 (Hu's: 36).
     """
     by_depth = np.argsort(-depth[nodes], kind="stable")
     nodes = nodes[by_depth]
@@ -511,7 +512,8 @@ def _pack(nodes, width, child_ptr, child_idx, depth, scratch) -> np.ndarray:
     owner = np.repeat(np.arange(nodes.size, dtype=np.int64), deg)
     slot = np.empty(nodes.size, dtype=np.int64)
     pos = 0  # next free slot
-    for first, end, e0, e1 in zip(bounds[:-1].tolist(), bounds[1:].tolist(), edge_bounds[:-1].tolist(), edge_bounds[1:].tolist()):
+    groups = zip(bounds[:-1].tolist(), bounds[1:].tolist(), edge_bounds[:-1].tolist(), edge_bounds[1:].tolist())
+    for first, end, e0, e1 in groups:
         size = end - first
         s, fill = divmod(pos, width)
         if fill:

@@ -254,12 +254,12 @@ def plan_summary(forest: Forest) -> str:
       >>> import recjax as rj
       >>> chain = rj.Forest.from_parents([-1, 0, 1, 2, 3, 4])
       >>> print(plan_summary(chain))  # doctest: +NORMALIZE_WHITESPACE, +ELLIPSIS
-      Forest(num_nodes=6, num_roots=1, steps=6): 6 nodes (1 leaves, 5 internal), height 5
+      Forest(num_nodes=6, num_roots=1, steps=5): 6 nodes (1 leaves, 5 internal), height 5
       part     levels  width  steps  rows  nodes  padding
       leaves   0           -      -     1      1     0.0%
-      phase 1  1-5         8      6    48      5    89.6%
-      total    0-5                6    49      6    87.8%
-      6 sequential steps after the leaves; 6 node rows (bucket); edge slots per step: ...
+      phase 1  1-5         8      5    40      5    87.5%
+      total    0-5                5    41      6    85.4%
+      5 sequential steps after the leaves; 6 node rows (bucket); edge slots per step: ...
     """
     plan = forest.plan
     key = plan.key
