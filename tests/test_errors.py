@@ -23,6 +23,9 @@ def test_cycle_is_named():
         rj.Forest.from_parents([1, 0], np.zeros(2))
     with pytest.raises(ValueError, match="no root"):
         rj.Forest.from_children([[1], [0]], np.zeros(2))
+    # one parent per node (the tree path of the planner's heights), beside a real tree
+    with pytest.raises(ValueError, match=r"cycle through nodes 0 -> 1 -> 0"):
+        rj.Forest.from_children([[1, 2], [0, 3], [], [], [5, 6], [], []], np.zeros(7))
 
 
 def test_child_index_out_of_range_names_node():

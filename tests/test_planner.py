@@ -106,6 +106,7 @@ def test_fine_ladder_pads_at_most_a_quarter_and_pad_all_rounds_up_the_coarse_one
     assert all(b >= a for a, b in zip(values, values[1:]))
     assert all(v <= 1.25 * n for n, v in enumerate(values) if n >= 1)
     assert {_planner.ladder(n) for n in range(4097)} <= set(values)  # coarse rungs are rungs
+    np.testing.assert_array_equal(_planner._fine_ladders(np.arange(5000)), values)  # vectorised
     rng = np.random.default_rng(0)
     forests = [rj.Forest.from_trees([random_binary_tree(rng, 20) for _ in range(40)]) for _ in range(2)]
     for f in rj.Forest.pad_all(forests):
@@ -201,7 +202,8 @@ def test_width_classes_cost_no_more_than_any_simpler_choice(seed):
     size = np.sort(rng.integers(1, 3000, int(rng.integers(1, 40))))[::-1]
     if seed % 4 == 0:
         size = rng.permutation(size)  # level sizes need not shrink with height
-    width, _ = _planner._width_class(size)
+    width, _, packed = _planner._width_class(size)
+    assert np.all(np.diff(packed) <= 0)
     assert np.all(np.diff(width) <= 0)  # one run of levels per class
     assert set(width.tolist()) <= set(_planner.WIDTH_CLASSES[1:])
     cost = _plan_cost(size, width)
