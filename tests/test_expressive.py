@@ -81,6 +81,43 @@ def test_top_down_reads_leaf_flag_and_data():
     np.testing.assert_allclose(g, ge, rtol=1e-4)
 
 
+@pytest.mark.parametrize("block", [1, 3, 8])
+def test_leaves_in_blocks_match_eager(block, monkeypatch):
+    """The leaves' batched op runs in blocks of ``LEAF_BLOCK`` rows and one op for the
+    rest (2,048 rows; shrunk here so a few small trees take several blocks): a bottom-up
+    pass (leaves first) and a top-down one (leaves last) still give plain recursion's
+    values and gradients."""
+    from recjax import _executor
+
+    monkeypatch.setattr(_executor, "LEAF_BLOCK", block)
+
+    @rj.recursive  # defined here: nothing was compiled with another block size
+    def up(w, node):
+        x = w[0] * node.data["x"]
+        if node.is_leaf:
+            return jnp.tanh(x + w[1])
+        return jnp.tanh(x + w[2] * node.children.map(lambda c: up(w, c)).sum())
+
+    @rj.recursive
+    def down(w, node):
+        base = up(w, node) * w[3]
+        if node.is_root:
+            return jnp.sin(base)
+        if node.is_leaf:
+            return jnp.cos(down(w, node.parent) + base)
+        return jnp.sin(down(w, node.parent) * base)
+
+    trees, forest = random_forest(20 + block, num_trees=6, max_nodes=20)
+    assert forest.plan.key.num_leaf_rows > 2 * block
+    w = jnp.array([0.9, -0.3, 0.7, 1.2])
+    scans = str(jax.make_jaxpr(lambda w: down.batch(w, forest))(w)).count("scan[")
+    assert scans >= 2 + 2 * len(forest.plan.key.phases)  # the phases' and the leaves' loops
+    np.testing.assert_allclose(down.batch(w, forest), stack(eager_rows(down, trees, w)), rtol=1e-5, atol=1e-6)
+    g = jax.jit(jax.grad(lambda w: jnp.sum(down.batch(w, forest) ** 2)))(w)
+    ge = jax.grad(lambda w: sum(r**2 for r in eager_rows(down, trees, w)))(w)
+    np.testing.assert_allclose(g, ge, rtol=1e-4, atol=1e-6)
+
+
 # ---------------------------------------------------------------------- bidirectional
 
 

@@ -55,6 +55,35 @@ def test_per_kind_code_matches_eager(seed):
     np.testing.assert_allclose(g, ge, rtol=1e-4)
 
 
+@pytest.mark.parametrize("block", [2, 5])
+def test_per_kind_leaf_blocks_run_in_row_blocks(block, monkeypatch):
+    """Each kind's leaf rows in blocks of ``LEAF_BLOCK`` (shrunk here) and the rest."""
+    from recjax import _executor
+
+    monkeypatch.setattr(_executor, "LEAF_BLOCK", block)
+
+    @rj.recursive  # defined here: nothing was compiled with another block size
+    def value(w, node):
+        if node.kind == "Num":
+            return jnp.sin(w * node.data)
+        if node.kind == "Neg":
+            (a,) = [value(w, c) for c in node.children]
+            return -a
+        a, b = [value(w, c) for c in node.children]
+        return a + b if node.kind == "Add" else jnp.tanh(a * b)
+
+    rng = np.random.default_rng(block)
+    trees = [random_expression(rng, 5) for _ in range(6)]
+    forest = rj.Forest.from_trees(trees, kinds=OPS)
+    assert dict(forest.plan.key.leaf_blocks)[OPS.index("Num")] > 2 * block
+    w = jnp.float32(0.7)
+    want = jnp.stack([value(w, pos) for pos in positions(trees)])
+    np.testing.assert_allclose(value.batch(w, forest), want, rtol=1e-5, atol=1e-6)
+    g = jax.jit(jax.grad(lambda w: jnp.sum(jnp.sin(value.batch(w, forest)))))(w)
+    ge = jax.grad(lambda w: sum(jnp.sin(value(w, pos)) for pos in positions(trees)))(w)
+    np.testing.assert_allclose(g, ge, rtol=1e-4)
+
+
 def test_every_step_holds_one_kind_and_leaves_are_blocks():
     rng = np.random.default_rng(5)
     trees = [random_expression(rng, 7) for _ in range(20)]
