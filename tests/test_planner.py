@@ -147,6 +147,38 @@ def test_steps_are_filled_across_levels():
                 p.width * p.steps for p in key.phases[: key.phases.index(pk)])).all()
 
 
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("width", [8, 32, 128])
+def test_packing_takes_the_fewest_steps(seed, width):
+    """``_pack`` on one phase of random trees takes ``max_j (j + ceil(n_j / width))``
+    steps (``n_j``: internal nodes at least ``j`` below their root), a lower bound for
+    any schedule (those nodes take that many steps, then the chain above the last one
+    ``j`` more), so the packing is optimal; and every node comes after its children."""
+    rng = np.random.default_rng(seed)
+    if seed % 3 == 0:  # random arity, deep and shallow trees mixed
+        n = int(rng.integers(50, 3000))
+        parent = np.array([-1] + [int(rng.integers(max(0, i - int(rng.integers(1, 60))), i)) for i in range(1, n)])
+        forest = rj.Forest.from_parents(parent)
+    else:
+        sizes = rng.integers(2, 60 if seed % 3 == 1 else 400, int(rng.integers(1, 120)))
+        forest = rj.Forest.from_trees([random_binary_tree(rng, int(s)) for s in sizes])
+    n = forest.num_nodes
+    height = forest.plan.height
+    internal = np.flatnonzero(height > 0)
+    nodes = internal[np.argsort(height[internal], kind="stable")]  # level by level
+    parent = _planner._parents(forest.child_ptr, forest.child_idx)
+    depth = _planner._depth_in_class(parent, (height > 0).astype(np.int64))
+    scratch = np.full(n, -1, dtype=np.int64)
+    slot = _planner._pack(nodes, width, forest.child_ptr, forest.child_idx, depth, scratch)
+    assert (scratch == -1).all() and len(set(slot.tolist())) == nodes.size
+    step = np.full(n, -1)
+    step[nodes] = slot // width
+    for v in nodes:
+        assert (step[forest.children(int(v))] < step[v]).all()
+    below = np.bincount(depth[nodes])[::-1].cumsum()[::-1]  # n_j
+    assert step.max() + 1 == max(j + -(-int(nj) // width) for j, nj in enumerate(below))
+
+
 def test_similar_batches_share_a_bucket():
     rng = np.random.default_rng(0)
     keys, shapes, padded = set(), [], set()
