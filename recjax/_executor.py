@@ -117,11 +117,12 @@ def run_up(fns: list[PassFn], dynamic, env: dict, arrays: dict, key: PlanKey, ro
     }
 
     def leaves(template, fid):
-        def compute(state, leaf_rows):
+        def compute(state, first, size):
+            leaf_rows = first + jnp.arange(size, dtype=jnp.int32)
             leaf_data = take(data, arrays["leaf_node"][leaf_rows])
             ctx = _ctx(leaf_rows, rows)
             out = apply_template(template, dynamic, {**env, **state}, leaf_data, ctx)
-            return {**state, fid: _write_all(state[fid], out, leaf_rows[0])}
+            return {**state, fid: _write_all(state[fid], out, first)}
 
         return compute
 
@@ -244,7 +245,8 @@ def run_down(fns: list[PassFn], dynamic, env: dict, arrays: dict, key: PlanKey, 
             return compute(state, rows_t, data_t, jnp.zeros(width, bool)), None
 
         state, _ = lax.scan(step, state, xs, reverse=True)
-    def leaves(state, leaf_rows):
+    def leaves(state, first, size):
+        leaf_rows = first + jnp.arange(size, dtype=jnp.int32)
         leaf_data = take(data, arrays["leaf_node"][leaf_rows])
         return compute(state, leaf_rows, leaf_data, jnp.ones(leaf_rows.shape, bool))
 
@@ -252,27 +254,32 @@ def run_down(fns: list[PassFn], dynamic, env: dict, arrays: dict, key: PlanKey, 
 
 
 def _in_blocks(compute, state, start: int, size: int):
-    """``compute(state, rows)`` over the rows ``start..start + size - 1``, in blocks.
+    """``compute(state, first, n)`` over the rows ``start..start + size - 1``, in blocks.
 
     The leaves are one batched op in meaning, but a batch-256 forest has tens of
     thousands of leaf rows, and one op over all of them writes its temporaries (a
     Tree-LSTM leaf's gates: 3 KB a row) to memory and reads them back: on the CPU a
     ``[32768, 256] @ [256, 768]`` product runs at ~70 GFLOP/s and ``[4096, 256] @ [256,
-    768]`` at ~110-140. So the rows go in ``LEAF_BLOCK``-row blocks (a ``lax.scan``,
-    each block's temporaries stay in cache) and the rest in one op after them.
+    768]`` at ~110-140. So the rows go in blocks of ``LEAF_BLOCK`` (``n`` rows from row
+    ``first``; each block's temporaries stay in cache): the first block, a
+    ``lax.scan`` over the middle ones, then the rest. The first block is written at a
+    constant row, so XLA fuses that write with the creation of the zero-filled buffers
+    (into one ``pad``); a write at a traced row leaves the zeros a separate pass, one
+    buffer for all functions, copied once per buffer.
     """
     full, rest = divmod(size, LEAF_BLOCK)
-    block_rows = lambda first, n: first + jnp.arange(n, dtype=jnp.int32)
-    if full > 1 or (full == 1 and rest):
+    if full:
+        state = compute(state, start, LEAF_BLOCK)
+    if full > 2:
 
         def step(state, i):
-            return compute(state, block_rows(start + i * LEAF_BLOCK, LEAF_BLOCK)), None
+            return compute(state, start + i * LEAF_BLOCK, LEAF_BLOCK), None
 
-        state, _ = lax.scan(step, state, jnp.arange(full, dtype=jnp.int32))
-    elif full == 1:
-        return compute(state, block_rows(start, size))
+        state, _ = lax.scan(step, state, jnp.arange(1, full, dtype=jnp.int32))
+    elif full == 2:
+        state = compute(state, start + LEAF_BLOCK, LEAF_BLOCK)
     if rest:
-        state = compute(state, block_rows(start + full * LEAF_BLOCK, rest))
+        state = compute(state, start + full * LEAF_BLOCK, rest)
     return state
 
 

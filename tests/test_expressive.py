@@ -108,7 +108,7 @@ def test_leaves_in_blocks_match_eager(block, monkeypatch):
         return jnp.sin(down(w, node.parent) * base)
 
     trees, forest = random_forest(20 + block, num_trees=6, max_nodes=20)
-    assert forest.plan.key.num_leaf_rows > 2 * block
+    assert forest.plan.key.num_leaf_rows > 3 * block  # a block, a loop over blocks, the rest
     w = jnp.array([0.9, -0.3, 0.7, 1.2])
     scans = str(jax.make_jaxpr(lambda w: down.batch(w, forest))(w)).count("scan[")
     assert scans >= 2 + 2 * len(forest.plan.key.phases)  # the phases' and the leaves' loops
