@@ -1,11 +1,12 @@
 """Execute: run the templates over a plan in one program, bottom-up or top-down.
 
 A program is a list of passes. A pass computes one or more functions at every node,
-either bottom-up (leaves in one batched op, then a ``lax.scan`` per phase) or top-down
-(roots in one batched op, the phases' scans in reverse, then the leaves). Each function
-owns a buffer of ``PlanKey.num_buffer_rows`` rows laid out as the plan says; templates
-read any buffer (their own children's or parent's rows, another function's rows) through
-``env``, a dict from function id to buffer, and every row of a buffer is written once.
+either bottom-up (leaves in one batched op, run in blocks of ``LEAF_BLOCK`` rows, then a
+``lax.scan`` per phase) or top-down (roots in one batched op, the phases' scans in
+reverse, then the leaves). Each function owns a buffer of ``PlanKey.num_buffer_rows``
+rows laid out as the plan says; templates read any buffer (their own children's or
+parent's rows, another function's rows) through ``env``, a dict from function id to
+buffer, and every row of a buffer is written once.
 """
 
 from __future__ import annotations
@@ -245,6 +246,7 @@ def run_down(fns: list[PassFn], dynamic, env: dict, arrays: dict, key: PlanKey, 
             return compute(state, rows_t, data_t, jnp.zeros(width, bool)), None
 
         state, _ = lax.scan(step, state, xs, reverse=True)
+
     def leaves(state, first, size):
         leaf_rows = first + jnp.arange(size, dtype=jnp.int32)
         leaf_data = take(data, arrays["leaf_node"][leaf_rows])
