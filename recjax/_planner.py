@@ -74,9 +74,9 @@ def ladder(n: int) -> int:
 def fine_ladder(n: int) -> int:
     """Rounds ``n`` up a ladder of four rungs per octave: 1 .. 8, 10, 12, 14, 16, 20, 24, ...
 
-    A plan's step counts and leaf rows use it (at most 25% padding, 12% on average,
-    where ``ladder``'s rungs pad by up to 50%); ``Forest.pad_all`` rounds the shapes it
-    creates up ``ladder``, whose fewer rungs let more batches share a program.
+    A plan's step counts, edge slots and leaf rows use it (at most 25% padding, 12% on
+    average, where ``ladder``'s rungs pad by up to 50%); ``Forest.pad_all`` rounds the
+    shapes it creates up ``ladder``, whose fewer rungs let more batches share a program.
 
     >>> [fine_ladder(n) for n in (0, 5, 9, 13, 17, 37, 100)]
     [0, 5, 10, 14, 20, 40, 112]
@@ -115,7 +115,8 @@ class PlanKey(NamedTuple):
         return self.num_leaf_rows + sum(p.width * p.steps for p in self.phases)
 
     def coarse(self) -> PlanKey:
-        """This key with its step counts and leaf rows rounded up ``ladder`` (coarser rungs).
+        """This key with its step counts, edge slots and leaf rows rounded up ``ladder``
+        (coarser rungs).
 
         ``Forest.pad_all`` creates shapes this way, so that later batches fit one more often.
 
@@ -123,7 +124,7 @@ class PlanKey(NamedTuple):
         PlanKey(num_leaf_rows=12, num_node_rows=16, phases=(PhaseKey(width=8, steps=12, edges=16),), leaf_blocks=(), kinds=())
         """
         leaf_rows = self.num_leaf_rows if self.leaf_blocks else ladder(self.num_leaf_rows)
-        phases = tuple(p._replace(steps=ladder(p.steps)) for p in self.phases)
+        phases = tuple(p._replace(steps=ladder(p.steps), edges=ladder(p.edges)) for p in self.phases)
         return self._replace(num_leaf_rows=leaf_rows, phases=phases)
 
     def union(self, other: PlanKey) -> PlanKey:
@@ -716,7 +717,7 @@ def plan(
         # Every padding row owns one edge slot, after the step's real edges, whose child
         # is row 0 (a real leaf): reductions over its children then see a real value.
         pad_rows = width - real_rows
-        num_edges = ladder(int((real_edges + pad_rows).max()))
+        num_edges = fine_ladder(int((real_edges + pad_rows).max()))
         num_edges = max(num_edges, floor[width].edges if width in floor else 0, 1)
         phase_keys.append(PhaseKey(width, steps, num_edges))
         step_kind = np.zeros(steps, dtype=np.int64)
