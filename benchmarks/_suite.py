@@ -146,7 +146,7 @@ class Case:
     # ---- recjax and its reference values
 
     def _recjax_loss(self, p, forest):
-        return root_loss(self.model.state(self.model.recursive.batch(p, forest))[0][forest.roots])
+        return root_loss(self.model.state(self.model.recursive.roots(p, forest))[0])
 
     def _recjax_jit(self, mode):
         if mode == "forward":

@@ -47,8 +47,8 @@ def make_loss():
     """A fresh root-classification loss (a new function: its own compiled programs)."""
 
     def loss_fn(p, forest, labels):
-        h, _ = tree_lstm.batch(p, forest)
-        logits = h[forest.roots] @ p["out"]
+        h, _ = tree_lstm.roots(p, forest)
+        logits = h @ p["out"]
         nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1)[:, 0]
         return masked_mean(nll, forest.root_mask)
 

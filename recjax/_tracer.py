@@ -540,7 +540,8 @@ def recursive(fn: Callable) -> Recursive:
     ``fn`` takes exactly one node argument among its arguments. Called with a concrete
     ``Tree`` it is plain Python recursion (the reference meaning); ``fn.batch`` takes
     the same arguments with a ``Forest`` in place of the node and returns ``fn``'s
-    output for every node, stacked on a leading node axis, in one compiled program.
+    output for every node, stacked on a leading node axis, in one compiled program;
+    ``fn.roots`` returns the roots' outputs only (cheaper when that is all a loss reads).
 
     Inside ``fn``: ``node.data`` (the node's data, arrays), ``node.index`` (its position
     among its parent's children), and either
@@ -569,6 +570,8 @@ def recursive(fn: Callable) -> Recursive:
       >>> forest = rj.Forest.from_trees([tree, rj.Tree(5.0)])
       >>> total.batch(jnp.float32(2.0), forest).tolist()
       [20.0, 4.0, 14.0, 8.0, 10.0]
+      >>> total.roots(jnp.float32(2.0), forest).tolist()
+      [20.0, 10.0]
       >>> @rj.recursive
       ... def depth(node):  # top-down: a node's output depends on its parent's
       ...     return jnp.int32(0) if node.is_root else depth(node.parent) + 1
@@ -581,7 +584,8 @@ def recursive(fn: Callable) -> Recursive:
 
 
 class Recursive:
-    """A ``@recursive`` function: call it on a ``Tree``, or ``.batch`` it over a ``Forest``."""
+    """A ``@recursive`` function: call it on a ``Tree``, or run it over a ``Forest`` with
+    ``.batch`` (every node's output) or ``.roots`` (the roots' outputs)."""
 
     def __init__(self, fn: Callable):
         functools.update_wrapper(self, fn)
@@ -593,7 +597,7 @@ class Recursive:
         self._program_cache: dict = {}
         self._top_down = False  # learnt from the first trace or eager call that reads parent
         self._num_traces = 0  # executor traces, for recompilation tests
-        self._jit_execute = jax.jit(self._execute, static_argnums=0)
+        self._jit_execute = jax.jit(self._execute, static_argnums=(0, 3))
 
     def __repr__(self):
         return f"<recjax.recursive {getattr(self.fn, '__qualname__', self.fn)}>"
@@ -704,7 +708,28 @@ class Recursive:
         out = self._jit_execute(prepared.program, prepared.dynamic, prepared.forest._arrays)
         return jax.tree.map(lambda o: o[: prepared.forest.num_nodes], out)
 
-    def _prepare(self, args, kwargs) -> _Prepared:
+    def roots(self, *args, **kwargs):
+        """Like ``batch``, but returns the outputs at the forest's roots only.
+
+        Equal to ``fn.batch(...)[forest.roots]`` leaf-wise (row ``k`` is root
+        ``forest.roots[k]``, padding roots included), without first putting every node's
+        output in node order: ``batch`` gathers every row of the state buffer, and under
+        ``jax.grad`` scatters a cotangent into every row. Use it where a loss or a
+        prediction reads the roots only (a label per tree).
+
+        Example:
+          >>> import recjax as rj
+          >>> @rj.recursive
+          ... def size(node):
+          ...     return 1 + node.children.map(size).sum()
+          >>> f = rj.Forest.from_trees([rj.Tree(None, [rj.Tree(None), rj.Tree(None)]), rj.Tree(None)])
+          >>> size.roots(f).tolist(), size.batch(f)[f.roots].tolist()
+          ([3, 1], [3, 1])
+        """
+        prepared = self._prepare(args, kwargs, "roots")
+        return self._jit_execute(prepared.program, prepared.dynamic, prepared.forest._arrays, True)
+
+    def _prepare(self, args, kwargs, method="batch") -> _Prepared:
         """What ``batch`` computes on the host before it executes (also used by ``debug``)."""
         pos, forest = self._find_node(
             args,
@@ -714,7 +739,7 @@ class Recursive:
         )
         if isinstance(forest, Tree):
             raise TypeError(
-                f"{self._name}.batch(...) takes a Forest, not a Tree; use "
+                f"{self._name}.{method}(...) takes a Forest, not a Tree; use "
                 f"rj.Forest.from_trees([tree]), or call {self._name}(...) on the Tree."
             )
         rest = _replace(args, kwargs, pos, None)
@@ -726,7 +751,7 @@ class Recursive:
             hash(tuple(marked))
         except TypeError:
             raise TypeError(
-                f"{self._name}.batch: non-array arguments must be hashable (they are "
+                f"{self._name}.{method}: non-array arguments must be hashable (they are "
                 "compile-time constants); pass arrays for values that change."
             ) from None
         binding = _Binding.make(self, pos, treedef, marked)
@@ -753,7 +778,7 @@ class Recursive:
             )
         return _Prepared(pos, forest, rest, dynamic, program)
 
-    def _execute(self, program, dynamic, arrays):
+    def _execute(self, program, dynamic, arrays, at_roots=False):
         self._num_traces += 1
         key = program.key
         rows = _executor.row_tables(arrays, key) if program.uses_rows else None
@@ -768,7 +793,8 @@ class Recursive:
             run = _executor.run_up if direction == "up" else _executor.run_down
             env.update(run(fns, dynamic, env, arrays, key, rows))
         out = env[program.result]
-        return jax.tree.map(lambda a: a[arrays["row_of_node"]], out)
+        rows = arrays["row_of_node"][arrays["roots"]] if at_roots else arrays["row_of_node"]
+        return jax.tree.map(lambda a: a[rows], out)
 
 
 # ---------------------------------------------------------------------- bindings

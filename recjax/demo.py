@@ -495,7 +495,16 @@ def init_params(model: str, key, vocab: int, embed: int, hidden: int, classes: i
 
 def node_logits(model: str, params, forest) -> jax.Array:
     """``[num_nodes, classes]`` class scores from every node's hidden state."""
-    out = MODELS[model].fn.batch(params["cell"], forest)
+    return _logits(params, MODELS[model].fn.batch(params["cell"], forest))
+
+
+def root_logits(model: str, params, forest) -> jax.Array:
+    """``[len(forest.roots), classes]``: ``node_logits(...)[forest.roots]``, computed at
+    the roots only (``.roots``: no per-node output in node order)."""
+    return _logits(params, MODELS[model].fn.roots(params["cell"], forest))
+
+
+def _logits(params, out) -> jax.Array:
     h = out[0] if isinstance(out, tuple) else out
     return h @ params["W_out"] + params["b_out"][None, :]
 
@@ -524,7 +533,7 @@ def root_loss(model: str, labels_from_data: bool) -> Callable:
 
     def loss_fn(params, forest, labels):
         y = forest.data["label"][forest.roots] if labels_from_data else labels
-        logits = node_logits(model, params, forest)[forest.roots]
+        logits = root_logits(model, params, forest)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         return masked_mean(ce, forest.root_mask)
 
@@ -536,7 +545,7 @@ def calc_metrics(model: str, depths: tuple[int, ...]) -> Callable:
     """Root accuracy, and root accuracy at each depth (``labels["depth"]``)."""
 
     def eval_fn(params, forest, labels):
-        logits = node_logits(model, params, forest)[forest.roots]
+        logits = root_logits(model, params, forest)
         y = forest.data["label"][forest.roots]
         out = {"acc": root_accuracy(logits, y, forest)}
         hit = jnp.argmax(logits, axis=-1) == y
@@ -570,7 +579,7 @@ def label_metrics(model: str) -> Callable:
     """Root accuracy against per-root ``labels``."""
 
     def eval_fn(params, forest, labels):
-        logits = node_logits(model, params, forest)[forest.roots]
+        logits = root_logits(model, params, forest)
         return {"acc": root_accuracy(logits, labels, forest)}
 
     return eval_fn

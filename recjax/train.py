@@ -199,7 +199,7 @@ def root_accuracy(logits: Any, labels: Any, forest: Forest) -> tuple[jax.Array, 
     ``eval_fn``: ``fit`` sums both over the evaluation batches and reports the ratio.
 
     Args:
-      logits: ``[len(forest.roots), classes]``, e.g. ``node_logits[forest.roots]``.
+      logits: ``[len(forest.roots), classes]``, e.g. from ``fn.roots(...)``.
       labels: ``[len(forest.roots)]`` integer classes, e.g. the ``labels`` row of ``fit``.
       forest: the (padded) batch.
 

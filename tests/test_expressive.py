@@ -81,7 +81,7 @@ def test_top_down_reads_leaf_flag_and_data():
     np.testing.assert_allclose(g, ge, rtol=1e-4)
 
 
-@pytest.mark.parametrize("block", [1, 3, 8])
+@pytest.mark.parametrize("block", [1, 3])
 def test_leaves_in_blocks_match_eager(block, monkeypatch):
     """The leaves' batched op runs in blocks of ``LEAF_BLOCK`` rows and one op for the
     rest (2,048 rows; shrunk here so a few small trees take several blocks): a bottom-up
@@ -107,7 +107,7 @@ def test_leaves_in_blocks_match_eager(block, monkeypatch):
             return jnp.cos(down(w, node.parent) + base)
         return jnp.sin(down(w, node.parent) * base)
 
-    trees, forest = random_forest(20 + block, num_trees=6, max_nodes=20)
+    trees, forest = random_forest(20 + block, num_trees=6, max_nodes=16)
     assert forest.plan.key.num_leaf_rows > 3 * block  # a block, a loop over blocks, the rest
     w = jnp.array([0.9, -0.3, 0.7, 1.2])
     scans = str(jax.make_jaxpr(lambda w: down.batch(w, forest))(w)).count("scan[")
@@ -165,7 +165,7 @@ def lstm_params(key, dim=4, hidden=3, vocab=7):
 @pytest.mark.parametrize("seed", range(2))
 def test_bidirectional_tree_lstm_values_and_gradients(seed):
     # small trees: the eager reference recomputes every position's ancestors and subtrees
-    trees, forest = random_forest(seed + 10, num_trees=4, max_nodes=14)
+    trees, forest = random_forest(seed + 10, num_trees=3, max_nodes=10)
     p = lstm_params(jax.random.key(seed))
     got = bidirectional.batch(p, forest)
     want = stack(eager_rows(bidirectional, trees, p))
@@ -174,6 +174,34 @@ def test_bidirectional_tree_lstm_values_and_gradients(seed):
     loss = lambda p: jnp.sum(jnp.sin(bidirectional.batch(p, forest)))  # noqa: E731
     eager_loss = lambda p: sum(jnp.sum(jnp.sin(r)) for r in eager_rows(bidirectional, trees, p))  # noqa: E731
     assert_trees_close(jax.jit(jax.grad(loss))(p), jax.grad(eager_loss)(p), atol=1e-4, rtol=1e-4)
+
+
+def test_roots_read_out_the_roots_values_and_gradients():
+    """``f.roots`` is plain recursion on each tree and ``f.batch(...)[roots]``: values
+    (a bottom-up function with tuple outputs, and a program with a top-down pass) and
+    gradients; a padded forest's padding roots read node 0's row."""
+    trees, forest = random_forest(30, num_trees=5, max_nodes=16)
+    p = lstm_params(jax.random.key(0))
+    for fn in (up_lstm, bidirectional):
+        got = fn.roots(p, forest)
+        assert_trees_close(got, stack([fn(p, tree) for tree in trees]), atol=1e-5, rtol=1e-5)
+        every = fn.batch(p, forest)
+        assert_trees_close(got, jax.tree.map(lambda a: a[forest.roots], every), atol=1e-6, rtol=1e-6)
+
+    loss = lambda p: sum(jnp.sum(jnp.sin(a)) for a in up_lstm.roots(p, forest))  # noqa: E731
+    eager = lambda p: sum(jnp.sum(jnp.sin(a)) for tree in trees for a in up_lstm(p, tree))  # noqa: E731
+    assert_trees_close(jax.jit(jax.grad(loss))(p), jax.grad(eager)(p), atol=1e-4, rtol=1e-4)
+
+    padded = forest.padded(num_roots=8)
+    out = jax.jit(lambda p, f: up_lstm.roots(p, f))(p, padded)
+    assert out[0].shape[0] == 8 and padded.root_mask.tolist() == [True] * 5 + [False] * 3
+    want = jax.tree.map(lambda a: a[np.r_[forest.roots, 0, 0, 0]], up_lstm.batch(p, forest))
+    assert_trees_close(out, want, atol=1e-6, rtol=1e-6)
+
+
+def test_roots_of_a_tree_is_an_error_that_names_roots():
+    with pytest.raises(TypeError, match=r"up_lstm\.roots\(\.\.\.\) takes a Forest, not a Tree"):
+        up_lstm.roots(lstm_params(jax.random.key(0)), rj.Tree({"x": np.float32(1), "token": np.int32(0)}))
 
 
 def test_bidirectional_runs_two_passes_and_one_program_per_bucket():
