@@ -715,7 +715,7 @@ class Recursive:
         ``forest.roots[k]``, padding roots included), without first putting every node's
         output in node order: ``batch`` gathers every row of the state buffer, and under
         ``jax.grad`` scatters a cotangent into every row. Use it where a loss or a
-        prediction reads the roots only (a label per tree).
+        prediction reads the roots only (a label per tree). Raises what ``batch`` raises.
 
         Example:
           >>> import recjax as rj
@@ -793,8 +793,8 @@ class Recursive:
             run = _executor.run_up if direction == "up" else _executor.run_down
             env.update(run(fns, dynamic, env, arrays, key, rows))
         out = env[program.result]
-        rows = arrays["row_of_node"][arrays["roots"]] if at_roots else arrays["row_of_node"]
-        return jax.tree.map(lambda a: a[rows], out)
+        index = arrays["row_of_node"][arrays["roots"]] if at_roots else arrays["row_of_node"]
+        return jax.tree.map(lambda a: a[index], out)
 
 
 # ---------------------------------------------------------------------- bindings
