@@ -369,9 +369,10 @@ def ceiling_rate(shape):
 
 
 def ceiling_fraction(r: Result):
-    """recjax's share of the FLOP ceiling for result ``r`` (None without a ceiling)."""
+    """recjax's share of the FLOP ceiling for result ``r`` (None without a ceiling): the
+    ceiling sampled just before and after ``r`` was timed (the faster), else the run's."""
     w = WORKLOADS[r.workload]
-    rate = ceiling_rate(w.model.ceiling_shape)
+    rate = r.info.get("ceiling_flops") or ceiling_rate(w.model.ceiling_shape)
     if rate is None or not r.seconds:
         return None
     c = SIZES[(r.workload, r.batch)]
@@ -495,17 +496,21 @@ def _ceiling_table():
         return []
     lines = ["### FLOP ceiling", ""]
     lines.append("A jitted float32 `[1024, k] @ [k, n]` matmul (the cell's largest product), median "
-                 "of 20 calls, timed at the start and at the end of the run; the faster sample is "
-                 "the ceiling. Cell FLOPs count matrix products only (x3 for training), on real "
-                 "nodes only.")
+                 "of 20 calls, timed at the start and at the end of the run, and before and after "
+                 "every recjax timing; recjax's `% of ceiling` uses the faster of the two samples "
+                 "next to it (this machine's speed drifts within a run). Cell FLOPs count matrix "
+                 "products only (x3 for training), on real nodes only.")
     lines.append("")
-    lines.append("| workloads | k x n | GFLOP/s start | GFLOP/s end | FLOPs per leaf / internal / edge |")
-    lines.append("|---|---|---:|---:|---|")
+    lines.append("| workloads | k x n | GFLOP/s start | GFLOP/s end | next to recjax (min-max) "
+                 "| FLOPs per leaf / internal / edge |")
+    lines.append("|---|---|---:|---:|---:|---|")
     for shape, samples in CEILINGS.items():
         names = [n for n, w in WORKLOADS.items() if w.model.ceiling_shape == shape]
         m = WORKLOADS[names[0]].model
         s = " | ".join(f"{x / 1e9:.0f}" for x in samples[:2]) + (" | " if len(samples) < 2 else "")
-        lines.append(f"| {', '.join(names)} | {shape[0]} x {shape[1]} | {s} "
+        near = [r.info["ceiling_flops"] for r in RESULTS if r.workload in names and "ceiling_flops" in r.info]
+        near = f"{min(near) / 1e9:.0f}-{max(near) / 1e9:.0f}" if near else ""
+        lines.append(f"| {', '.join(names)} | {shape[0]} x {shape[1]} | {s} | {near} "
                      f"| {m.leaf_flops:,} / {m.internal_flops:,} / {m.edge_flops:,} |")
     lines.append("")
     return lines
