@@ -178,8 +178,8 @@ def test_bidirectional_tree_lstm_values_and_gradients(seed):
 
 def test_roots_read_out_the_roots_values_and_gradients():
     """``f.roots`` is plain recursion on each tree and ``f.batch(...)[roots]``: values
-    (a bottom-up function with tuple outputs, and a program with a top-down pass) and
-    gradients; a padded forest's padding roots read node 0's row."""
+    (a bottom-up function with tuple outputs, and a program with a top-down pass),
+    gradients, tangents and ``vmap``; a padded forest's padding roots read node 0's row."""
     trees, forest = random_forest(30, num_trees=5, max_nodes=16)
     p = lstm_params(jax.random.key(0))
     for fn in (up_lstm, bidirectional):
@@ -191,6 +191,11 @@ def test_roots_read_out_the_roots_values_and_gradients():
     loss = lambda p: sum(jnp.sum(jnp.sin(a)) for a in up_lstm.roots(p, forest))  # noqa: E731
     eager = lambda p: sum(jnp.sum(jnp.sin(a)) for tree in trees for a in up_lstm(p, tree))  # noqa: E731
     assert_trees_close(jax.jit(jax.grad(loss))(p), jax.grad(eager)(p), atol=1e-4, rtol=1e-4)
+    t = jax.tree.map(jnp.ones_like, p)
+    np.testing.assert_allclose(jax.jvp(loss, (p,), (t,))[1], jax.jvp(eager, (p,), (t,))[1], rtol=1e-4)
+    halves = jax.vmap(lambda p: up_lstm.roots(p, forest))(jax.tree.map(lambda a: jnp.stack([a, a / 2]), p))
+    half = up_lstm.roots(jax.tree.map(lambda a: a / 2, p), forest)
+    assert_trees_close(jax.tree.map(lambda a: a[1], halves), half, atol=1e-6, rtol=1e-5)
 
     padded = forest.padded(num_roots=8)
     out = jax.jit(lambda p, f: up_lstm.roots(p, f))(p, padded)
