@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import recjax as rj
 
-from _timing import compile_aot, fmt_rate, fmt_ratio, timed
+from _timing import compile_aot, fmt_rate, fmt_ratio, malloc_facts, timed
 from _workloads import WORKLOADS, JaxLevels, JaxPerNode, Levels, count_nodes, root_loss
 
 SYSTEMS = ("recjax", "jax_per_node", "jax_levels", "torch_per_node", "torch_levels")
@@ -322,6 +322,7 @@ def session_facts():
         "cpus": os.cpu_count(),
         "cpu": _cpu_model(),
         "quick": QUICK,
+        **malloc_facts(),
     }
     try:
         import torch
@@ -408,6 +409,10 @@ def summary_markdown():
         lines.append(f"- Other processes used {SESSION['other_cpu_s']:.0f} CPU-seconds during this "
                      f"{SESSION['wall_s']:.0f} s run ({SESSION['other_cpu_s'] / SESSION['wall_s']:.2f} "
                      f"of {f.get('cpus')} CPUs on average).")
+    tunables = f.get("glibc_tunables")
+    lines.append(f"- Memory: `GLIBC_TUNABLES={tunables}`" if tunables else "- Memory: `GLIBC_TUNABLES` unset")
+    lines[-1] += (f", transparent huge pages `{f.get('thp')}` (see \"Page faults\" in "
+                  "benchmarks/README.md; faults per call are in the last table).")
     lines.append("- nodes/s = real nodes / median seconds per call. In parentheses: recjax's rate "
                  "divided by the peer's (above 1x: recjax is faster). Per-node peers run on the "
                  "first trees of the batch (column `trees`).")
@@ -451,6 +456,7 @@ def summary_markdown():
     lines.extend(_times_table())
     lines.extend(_ceiling_table())
     lines.extend(_targets_table())
+    lines.extend(_faults_table())
     return "\n".join(lines) + "\n"
 
 
@@ -545,3 +551,30 @@ def _targets_table():
                          f"| {'yes' if rate >= 2e6 else 'no'} |")
     lines.append("")
     return lines
+
+
+def _faults_table():
+    """Minor page faults per call of recjax and the level peers, at each workload's largest batch."""
+    systems = ("recjax", "jax_levels", "torch_levels")
+    rows = []
+    for name in WORKLOADS:
+        batches_run = [r.batch for r in RESULTS if r.workload == name and "faults_per_call" in r.info]
+        if not batches_run:
+            continue
+        batch = max(batches_run)
+        for mode in MODES:
+            found = [_find(name, batch, mode, s) for s in systems]
+            cells = [f"{r.info['faults_per_call']:,.0f}" if r and "faults_per_call" in r.info else ""
+                     for r in found]
+            if any(cells):
+                rows.append(f"| {name} | {batch} | {mode} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    lines = ["### Page faults per call", ""]
+    lines.append("Minor page faults of the benchmark process per timed call (warm-up calls "
+                 "included), at each workload's largest batch: each is a first touch of a page "
+                 "the allocator mapped afresh (4 KiB, or 2 MiB with transparent huge pages).")
+    lines.append("")
+    lines.append("| workload | batch | mode | recjax | JAX levels | torch levels |")
+    lines.append("|---|---:|---|---:|---:|---:|")
+    return lines + rows + [""]

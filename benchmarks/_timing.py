@@ -11,6 +11,11 @@ import os
 import statistics
 import time
 
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,6 +78,29 @@ def cpu_seconds():
         return None, own
     busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
     return busy / os.sysconf("SC_CLK_TCK"), own
+
+
+def minor_faults():
+    """Minor page faults of this process so far (None where ``resource`` is missing).
+
+    A first touch of freshly mapped memory is a minor fault. glibc's malloc maps every
+    allocation above 32 MiB afresh (its largest ``mmap`` threshold) and returns it on
+    ``free``, so a program whose buffers or temporaries exceed that faults on every page
+    of them at every call: ~1.6 us a 4 KiB page on the development VM, 26 ms for a
+    64 MiB buffer (see RESULTS.md, "page faults").
+    """
+    return None if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def malloc_facts():
+    """How large allocations get their pages: glibc tunables and transparent huge pages."""
+    thp = "?"
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            thp = f.read().split("[", 1)[1].split("]", 1)[0]
+    except (OSError, IndexError):
+        pass
+    return {"glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "thp": thp}
 
 
 def fmt_rate(x):

@@ -35,7 +35,7 @@ from recjax import _planner
 
 import _suite
 from _suite import MODES, SYSTEMS, batches
-from _timing import matmul_flops_per_s, median_seconds, timed
+from _timing import matmul_flops_per_s, median_seconds, minor_faults, timed
 from _workloads import WORKLOADS, Levels
 
 CEILING_SHAPES = sorted({w.model.ceiling_shape for w in WORKLOADS.values() if batches(w)})
@@ -113,7 +113,10 @@ def test_throughput(benchmark, workload, batch, mode, system):
     # 1.5x within a run, so its fraction of the ceiling uses the samples taken next to it.
     shape = case.model.ceiling_shape if system == "recjax" else None
     before = matmul_flops_per_s(*shape) if shape else None
+    faults = minor_faults()
     benchmark.pedantic(run.fn, rounds=rounds, warmup_rounds=warmup, iterations=1)
+    if faults is not None:
+        run.info["faults_per_call"] = (minor_faults() - faults) / (rounds + warmup)
 
     result.nodes, result.seconds, result.info = run.nodes, _median(benchmark), dict(run.info)
     if shape:
