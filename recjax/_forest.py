@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import gc
 import itertools
+import operator
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -148,32 +149,45 @@ class Forest:
     def _from_tree_objects(cls, trees: list[Tree], kinds) -> Forest:
         # Iterative pre-order; a node reached again (a DAG) keeps its first number. A
         # cycle (possible only by reassigning Tree.children) is reported by the planner.
+        # Everything after the walk iterates in C (map, itemgetter), not in Python.
         ids: dict[int, int] = {}
         nodes: list[Tree] = []
         roots = []
-        for root in trees:
-            stack = [root]
-            while stack:
-                t = stack.pop()
-                if id(t) in ids:
-                    continue
-                if not isinstance(t, Tree):  # only by reassigning Tree.children
-                    parent = next(i for i, n in enumerate(nodes) if any(c is t for c in n.children))
-                    raise TypeError(
-                        f"node {parent} has a child that is a {type(t).__name__}, not an rj.Tree."
-                    )
-                ids[id(t)] = len(nodes)
-                nodes.append(t)
-                stack.extend(reversed(t.children))
-            roots.append(ids[id(root)])
-        counts = np.fromiter((len(t.children) for t in nodes), dtype=np.int64, count=len(nodes))
+        try:
+            for root in trees:
+                stack = [root]
+                pop, push = stack.pop, stack.extend
+                while stack:
+                    t = pop()
+                    key = id(t)
+                    if key in ids:
+                        continue
+                    ids[key] = len(nodes)
+                    nodes.append(t)
+                    push(t.children[::-1])
+                roots.append(ids[id(root)])
+        except (AttributeError, TypeError):  # only by reassigning Tree.children
+            if isinstance(t, Tree):
+                raise TypeError(
+                    f"node {ids[id(t)]}'s children are a {type(t.children).__name__}; "
+                    "Tree.children must be a tuple of rj.Tree objects."
+                ) from None
+            nodes.append(t)
+        if not all(map(isinstance, nodes, itertools.repeat(Tree))):  # the same
+            bad = next(t for t in nodes if not isinstance(t, Tree))
+            parent = next(i for i, n in enumerate(nodes) if any(c is bad for c in n.children))
+            raise TypeError(
+                f"node {parent} has a child that is a {type(bad).__name__}, not an rj.Tree."
+            )
+        counts = np.fromiter(map(len, map(_CHILDREN, nodes)), dtype=np.int64, count=len(nodes))
         child_ptr = np.zeros(len(nodes) + 1, dtype=np.int64)
         np.cumsum(counts, out=child_ptr[1:])
+        children = itertools.chain.from_iterable(map(_CHILDREN, nodes))
         child_idx = np.fromiter(
-            (ids[id(c)] for t in nodes for c in t.children), dtype=np.int64, count=int(child_ptr[-1])
+            map(ids.__getitem__, map(id, children)), dtype=np.int64, count=int(child_ptr[-1])
         )
-        data = _stack_tree_data([t.data for t in nodes])
-        kind = _kind_ids([t.kind for t in nodes], kinds)
+        data = _stack_tree_data(list(map(_DATA, nodes)))
+        kind = _kind_ids(list(map(_KIND, nodes)), kinds)
         return cls._build(
             child_ptr, child_idx, data, np.asarray(roots, dtype=np.int64), kind=kind, kinds=kinds
         )
@@ -587,6 +601,11 @@ class Forest:
 # ---------------------------------------------------------------------- validation
 
 
+_CHILDREN = operator.attrgetter("children")
+_DATA = operator.attrgetter("data")
+_KIND = operator.attrgetter("kind")
+
+
 def _kind_list(kind, n):
     if kind is None:
         return [None] * n
@@ -599,13 +618,13 @@ def _kind_list(kind, n):
 def _kind_ids(names: list, kinds) -> np.ndarray | None:
     """Kind ids (positions in the vocabulary ``kinds``) of every node, or None."""
     if kinds is None:
-        tagged = next((i for i, k in enumerate(names) if k is not None), None)
-        if tagged is not None:
-            raise ValueError(
-                f"node {tagged} has kind {names[tagged]!r} but no kinds= vocabulary was "
-                "given; pass kinds=[...] listing every kind (the same list for every batch)."
-            )
-        return None
+        if names.count(None) == len(names):
+            return None
+        tagged = next(i for i, k in enumerate(names) if k is not None)
+        raise ValueError(
+            f"node {tagged} has kind {names[tagged]!r} but no kinds= vocabulary was "
+            "given; pass kinds=[...] listing every kind (the same list for every batch)."
+        )
     kinds = list(kinds)
     if len(set(kinds)) != len(kinds):
         raise ValueError("kinds= lists a kind twice; give each kind once.")
@@ -679,11 +698,14 @@ def _stack_tree_data(datas: list) -> Any:
         isinstance(k, str) and isinstance(v, _SCALAR_TYPES) for k, v in first.items()
     ):
         # The common case, a flat dict of scalars or arrays: columns by key, without a
-        # pytree flatten per node (which dominated the conversion of large batches).
-        keys = first.keys()
-        if all(type(d) is dict and d.keys() == keys for d in datas):
-            names = sorted(keys)  # the pytree order of dict keys
-            stacked = [_stack_column(tuple(d[k] for d in datas)) for k in names]
+        # pytree flatten per node (which dominated the conversion of large batches). Dicts
+        # of one size that all hold the first one's keys have exactly its keys.
+        if set(map(type, datas)) == {dict} and set(map(len, datas)) == {len(first)}:
+            names = sorted(first)  # the pytree order of dict keys
+            try:
+                stacked = [_stack_column(tuple(map(operator.itemgetter(k), datas))) for k in names]
+            except KeyError:
+                stacked = [None]
             if all(a is not None for a in stacked):
                 return {k: _canonical(a, f"data[{k!r}]") for k, a in zip(names, stacked)}
     flat0, treedef = jax.tree_util.tree_flatten_with_path(first)
@@ -726,8 +748,10 @@ def _stack_column(column: tuple) -> np.ndarray | None:
     if len(kinds) != 1:
         return None
     (kind,) = kinds
+    if issubclass(kind, np.number):  # numpy scalars of one type: one dtype
+        return np.fromiter(column, dtype=kind, count=len(column))
     if kind in (bool, int, float, complex) or issubclass(kind, np.generic):
-        return np.array(column)  # one scalar type: one dtype (np.int32 and so on), shape ()
+        return np.array(column)  # one scalar type: one dtype, shape ()
     if issubclass(kind, (np.ndarray, np.generic)):
         if len({(a.shape, a.dtype) for a in column}) != 1:
             return None

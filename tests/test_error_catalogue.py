@@ -234,6 +234,12 @@ def child_not_tree_by_mutation():
     rj.Forest.from_trees([t])
 
 
+def children_not_sequence():
+    t = rj.Tree(1.0, [rj.Tree(2.0)])
+    t.children = None
+    rj.Forest.from_trees([t])
+
+
 def cycle_by_mutation():
     a = rj.Tree(1.0, [rj.Tree(2.0)])
     a.children[0].children = (a,)
@@ -252,6 +258,7 @@ CASES = {
     "trees-empty": (lambda: rj.Forest.from_trees([]), ValueError, r"empty forest: Forest.from_trees got no trees"),
     "trees-element-not-tree": (lambda: rj.Forest.from_trees([rj.Tree(1.0), 2.0]), TypeError, r"element 1 is a float"),
     "trees-child-not-tree": (child_not_tree_by_mutation, TypeError, r"node 0 has a child that is a str"),
+    "trees-children-not-sequence": (children_not_sequence, TypeError, r"node 0's children are a NoneType"),
     "data-schema-mismatch": (
         lambda: rj.Forest.from_trees([rj.Tree({"x": 1.0}), rj.Tree({"x": 2})]),
         ValueError,
