@@ -347,6 +347,7 @@ class Forest:
         return Forest._build(
             child_ptr, child_idx, data, roots, at_least=key, pad_roots=num_roots, arities=arities,
             kind=self._kind, kinds=self._meta.kinds, kind_arities=kind_arities,
+            reuse=getattr(self, "_plan", None),
         )
 
     @classmethod
@@ -441,11 +442,12 @@ class Forest:
     @classmethod
     def _build(
         cls, child_ptr, child_idx, data, roots, at_least=None, pad_roots=None, arities=None,
-        kind=None, kinds=None, kind_arities=(),
+        kind=None, kinds=None, kind_arities=(), reuse=None,
     ) -> Forest:
-        """Plans and packs a validated forest; with ``pad_roots`` it is padded (see ``padded``)."""
+        """Plans and packs a validated forest; with ``pad_roots`` it is padded (see ``padded``).
+        ``reuse``: the same forest's plan, whose layout ``plan`` may take over."""
         n = child_ptr.shape[0] - 1
-        plan = _planner.plan(child_ptr, child_idx, at_least, kind)
+        plan = _planner.plan(child_ptr, child_idx, at_least, kind, reuse)
         degree = np.diff(child_ptr)
         own, first = np.unique(degree[degree > 0], return_index=True)
         arities = np.union1d(own, np.asarray(arities or (), dtype=np.int64))

@@ -193,6 +193,7 @@ class Plan:
       class_steps: ``[sets, classes]`` steps each width class would take (before the
         ladder) with each set of classes (``CLASS_SETS``); batches padded together
         choose one set with ``shared_classes``.
+      layout: the nodes' steps and rows before padding, for ``plan(..., reuse=)``.
     """
 
     key: PlanKey
@@ -201,6 +202,7 @@ class Plan:
     phases: tuple[PhaseTables, ...]
     height: np.ndarray
     class_steps: np.ndarray
+    layout: _Layout | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def num_steps(self) -> int:
@@ -603,11 +605,61 @@ def shared_classes(plans: Sequence[Plan]) -> PlanKey:
     return PlanKey(0, 0, tuple(PhaseKey(w, 0, 0) for w in widths[::-1]))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """What ``plan`` computes before the padded sizes are known: heights, the class
+    steps, and every phase's nodes and slots (``_layout``) for the allowed classes."""
+
+    allowed: tuple | None  # the width classes it was laid out for (None: any)
+    height: np.ndarray
+    class_steps: np.ndarray
+    phases: list  # [(width, nodes, slot)], widest first
+    kinds: tuple  # the kinds of the internal nodes' groups
+
+
+def _lay_out(child_ptr, child_idx, degree, allowed, kind) -> _Layout:
+    """``plan``'s layout of a forest for the width classes ``allowed`` (a bool per class
+    of ``WIDTH_CLASSES[1:]``, or None to choose them)."""
+    n = degree.size
+    height = heights(child_ptr, child_idx)
+    internal = np.flatnonzero(degree > 0)
+    # Steps hold nodes of one level (and one kind): a group. Without kinds a group is a
+    # level; with kinds, a (height, kind) pair, in order of height then kind.
+    group_key = height[internal] if kind is None else height[internal] * (int(kind.max()) + 1) + kind[internal]
+    by_group = stable_order(group_key)
+    order, sorted_key = internal[by_group], group_key[by_group]  # by group, then id
+    first = np.flatnonzero(np.r_[sorted_key.size > 0, sorted_key[1:] != sorted_key[:-1]])
+    groups, level_size = sorted_key[first], np.diff(np.r_[first, sorted_key.size])
+    num_kinds = 0 if kind is None else int(kind.max()) + 1
+    group_kind = groups % num_kinds if num_kinds else np.zeros(groups.size, np.int64)
+    # Classes must not grow with height so that each class is one run of levels.
+    mask = None if allowed is None else np.array(allowed)
+    level_class, class_steps, alt = _width_class(level_size, mask)
+    # Steps filled across levels (_pack) can make another set of classes cheaper than the
+    # one chosen for whole steps per level: cost both, lay out the cheaper.
+    scratch = np.full(n, -1, dtype=np.int64)
+    parent = _parents(child_ptr, child_idx) if kind is None else None
+    layout = None
+    if parent is not None and allowed is None and not np.array_equal(alt, level_class):
+        depth, alt_depth = _class_depths(parent, order, level_size, [level_class, alt])
+        if _estimated_cost(order, level_size, alt, alt_depth) < _estimated_cost(
+            order, level_size, level_class, depth
+        ):
+            layout = _layout(order, level_size, alt, child_ptr, child_idx, alt_depth, scratch)
+    else:
+        (depth,) = _class_depths(parent, order, level_size, [level_class])
+    if layout is None:
+        layout = _layout(order, level_size, level_class, child_ptr, child_idx, depth, scratch)
+    kinds = tuple(sorted(set(group_kind.tolist()))) if kind is not None else ()
+    return _Layout(allowed, height, class_steps, layout, kinds)
+
+
 def plan(
     child_ptr: np.ndarray,
     child_idx: np.ndarray,
     at_least: PlanKey | None = None,
     kind: np.ndarray | None = None,
+    reuse: Plan | None = None,
 ) -> Plan:
     """Plans the bottom-up evaluation of a forest given as children CSR arrays.
 
@@ -628,6 +680,9 @@ def plan(
       kind: optional ``[N]`` non-negative kind ids. Then leaves are laid out in one
         block per kind and every step holds nodes of one height and one kind, so that a
         function specialised per kind runs one kind's code per step.
+      reuse: optional plan of the same forest (and kinds): where ``at_least`` allows
+        the same width classes as it did, its layout (which nodes go to which step and
+        row, the costly part) is taken as it is and only the tables are rebuilt.
 
     Returns:
       A ``Plan``.
@@ -639,8 +694,17 @@ def plan(
     child_idx = np.asarray(child_idx, dtype=np.int64)
     n = child_ptr.shape[0] - 1
     degree = np.diff(child_ptr)
-    height = heights(child_ptr, child_idx)
     floor = {p.width: p for p in at_least.phases} if at_least is not None else {}
+    allowed = None
+    if at_least is not None:  # the classes of the key it must fit
+        allowed = tuple(np.isin(WIDTH_CLASSES[1:], [p.width for p in at_least.phases]).tolist())
+    lay = reuse.layout if reuse is not None and reuse.layout.allowed == allowed else None
+    if lay is None:
+        lay = _lay_out(child_ptr, child_idx, degree, allowed, kind)
+    height, class_steps, layout = lay.height, lay.class_steps, lay.phases
+    kinds = ()
+    if kind is not None:
+        kinds = tuple(sorted(set(lay.kinds) | set(at_least.kinds if at_least else ())))
 
     leaves = np.flatnonzero(degree == 0)
     row_of_node = np.zeros(max(ladder(n), at_least.num_node_rows if at_least else 0), dtype=np.int64)
@@ -654,40 +718,6 @@ def plan(
         leaf_blocks, row_of_node, leaf_node = _leaf_blocks(leaves, kind, row_of_node, at_least)
         num_leaf_rows = max(sum(r for _, r in leaf_blocks), at_least.num_leaf_rows if at_least else 0)
         leaf_node = np.concatenate([leaf_node, np.full(num_leaf_rows - leaf_node.size, leaves[0])])
-
-    internal = np.flatnonzero(degree > 0)
-    # Steps hold nodes of one level (and one kind): a group. Without kinds a group is a
-    # level; with kinds, a (height, kind) pair, in order of height then kind.
-    group_key = height[internal] if kind is None else height[internal] * (int(kind.max()) + 1) + kind[internal]
-    by_group = stable_order(group_key)
-    order, sorted_key = internal[by_group], group_key[by_group]  # by group, then id
-    first = np.flatnonzero(np.r_[sorted_key.size > 0, sorted_key[1:] != sorted_key[:-1]])
-    groups, level_size = sorted_key[first], np.diff(np.r_[first, sorted_key.size])
-    num_kinds = 0 if kind is None else int(kind.max()) + 1
-    group_kind = groups % num_kinds if num_kinds else np.zeros(groups.size, np.int64)
-    kinds = ()
-    if kind is not None:
-        kinds = tuple(sorted(set(group_kind.tolist()) | set(at_least.kinds if at_least else ())))
-    # Classes must not grow with height so that each class is one run of levels.
-    allowed = None
-    if at_least is not None:  # the classes of the key it must fit
-        allowed = np.isin(WIDTH_CLASSES[1:], [p.width for p in at_least.phases])
-    level_class, class_steps, alt = _width_class(level_size, allowed)
-    # Steps filled across levels (_pack) can make another set of classes cheaper than the
-    # one chosen for whole steps per level: cost both, lay out the cheaper.
-    scratch = np.full(n, -1, dtype=np.int64)
-    parent = _parents(child_ptr, child_idx) if kind is None else None
-    layout = None
-    if parent is not None and allowed is None and not np.array_equal(alt, level_class):
-        depth, alt_depth = _class_depths(parent, order, level_size, [level_class, alt])
-        if _estimated_cost(order, level_size, alt, alt_depth) < _estimated_cost(
-            order, level_size, level_class, depth
-        ):
-            layout = _layout(order, level_size, alt, child_ptr, child_idx, alt_depth, scratch)
-    else:
-        (depth,) = _class_depths(parent, order, level_size, [level_class])
-    if layout is None:
-        layout = _layout(order, level_size, level_class, child_ptr, child_idx, depth, scratch)
 
     # First pass: every node's step, local row and buffer row, phase by phase.
     phases = []
@@ -772,4 +802,5 @@ def plan(
         phases=tuple(tables),
         height=height,
         class_steps=class_steps,
+        layout=lay,
     )

@@ -192,6 +192,38 @@ def test_similar_batches_share_a_bucket():
     assert len(padded) <= 4  # through pad_all (as fit does), on the coarse one
 
 
+def _assert_same_plan(a, b):
+    assert a.key == b.key
+    for name in ("leaf_node", "row_of_node", "height", "class_steps"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    for x, y in zip(a.phases, b.phases, strict=True):
+        for name in x.__dataclass_fields__:
+            np.testing.assert_array_equal(getattr(x, name), getattr(y, name), err_msg=name)
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("kinds", [False, True])
+def test_plan_reusing_a_layout_equals_a_fresh_plan(seed, kinds):
+    # pad_all plans each forest at its window's classes, then at the window's shape; the
+    # second plan takes the first one's layout and must equal planning from scratch.
+    rng = np.random.default_rng(seed)
+    trees = [random_binary_tree(rng, int(rng.integers(2, 40))) for _ in range(int(rng.integers(1, 40)))]
+    forest = rj.Forest.from_trees(trees)
+    kind = rng.integers(0, 3, forest.child_ptr.size - 1) if kinds else None
+    first = _planner.plan(forest.child_ptr, forest.child_idx, kind=kind)
+    classes = _planner.shared_classes([first])
+    narrow = _planner.plan(forest.child_ptr, forest.child_idx, classes, kind, reuse=first)
+    _assert_same_plan(narrow, _planner.plan(forest.child_ptr, forest.child_idx, classes, kind))
+    grow = lambda p: p._replace(steps=p.steps + int(rng.integers(0, 9)), edges=2 * p.edges)
+    key = narrow.key._replace(
+        num_leaf_rows=narrow.key.num_leaf_rows + int(rng.integers(0, 50)),
+        phases=tuple(grow(p) for p in narrow.key.phases),
+    ).coarse()
+    bigger = _planner.plan(forest.child_ptr, forest.child_idx, key, kind, reuse=narrow)
+    assert bigger.layout is narrow.layout  # same classes: the layout was taken over
+    _assert_same_plan(bigger, _planner.plan(forest.child_ptr, forest.child_idx, key, kind))
+
+
 def test_planner_does_not_import_jax():
     path = pathlib.Path(_planner.__file__)
     code = (
