@@ -698,7 +698,8 @@ def plan(
     allowed = None
     if at_least is not None:  # the classes of the key it must fit
         allowed = tuple(np.isin(WIDTH_CLASSES[1:], [p.width for p in at_least.phases]).tolist())
-    lay = reuse.layout if reuse is not None and reuse.layout.allowed == allowed else None
+    lay = reuse.layout if reuse is not None else None
+    lay = lay if lay is not None and lay.allowed == allowed else None
     if lay is None:
         lay = _lay_out(child_ptr, child_idx, degree, allowed, kind)
     height, class_steps, layout = lay.height, lay.class_steps, lay.phases
