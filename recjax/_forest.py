@@ -127,70 +127,31 @@ class Forest:
           >>> f.num_nodes, f.children(0).tolist()
           (2, [1, 1])
         """
-        if isinstance(trees, Tree):
-            raise TypeError("Forest.from_trees takes a list of trees; wrap one tree as [tree].")
-        try:
-            trees = list(trees)
-        except TypeError:
-            raise TypeError(
-                f"Forest.from_trees takes a list of trees; got a {type(trees).__name__}."
-            ) from None
-        if not trees:
-            raise ValueError("empty forest: Forest.from_trees got no trees.")
-        for i, t in enumerate(trees):
-            if not isinstance(t, Tree):
-                raise TypeError(
-                    f"Forest.from_trees: element {i} is a {type(t).__name__}, not an rj.Tree."
-                )
+        trees = _tree_list(trees)
         with _gc_paused():
-            return cls._from_tree_objects(trees, kinds)
+            child_ptr, child_idx, data, roots, kind = _tree_arrays(trees, kinds)
+            return cls._build(child_ptr, child_idx, data, roots, kind=kind, kinds=kinds)
 
     @classmethod
-    def _from_tree_objects(cls, trees: list[Tree], kinds) -> Forest:
-        # Iterative pre-order; a node reached again (a DAG) keeps its first number. A
-        # cycle (possible only by reassigning Tree.children) is reported by the planner.
-        # Everything after the walk iterates in C (map, itemgetter), not in Python.
-        ids: dict[int, int] = {}
-        nodes: list[Tree] = []
-        roots = []
-        try:
-            for root in trees:
-                stack = [root]
-                pop, push = stack.pop, stack.extend
-                while stack:
-                    t = pop()
-                    key = id(t)
-                    if key in ids:
-                        continue
-                    ids[key] = len(nodes)
-                    nodes.append(t)
-                    push(t.children[::-1])
-                roots.append(ids[id(root)])
-        except (AttributeError, TypeError):  # only by reassigning Tree.children
-            if isinstance(t, Tree):
-                raise TypeError(
-                    f"node {ids[id(t)]}'s children are a {type(t.children).__name__}; "
-                    "Tree.children must be a tuple of rj.Tree objects."
-                ) from None
-            nodes.append(t)
-        if not all(map(isinstance, nodes, itertools.repeat(Tree))):  # the same
-            bad = next(t for t in nodes if not isinstance(t, Tree))
-            parent = next(i for i, n in enumerate(nodes) if any(c is bad for c in n.children))
-            raise TypeError(
-                f"node {parent} has a child that is a {type(bad).__name__}, not an rj.Tree."
+    def _pad_trees(cls, groups: list[list[Tree]], kinds=None, shapes: list | None = None) -> list[Forest]:
+        """``pad_all([from_trees(g, kinds) for g in groups], shapes)``, planned less.
+
+        ``pad_all`` plans each forest twice more (at the shared classes, then at the
+        shared shape); the plan ``from_trees`` makes first serves only to choose those
+        classes, so here each group gets ``class_steps`` instead of a whole plan.
+        """
+        groups = [_tree_list(g) for g in groups]
+        with _gc_paused():
+            parts = [_tree_arrays(g, kinds) for g in groups]
+            classes = _planner.shared_classes(
+                [_planner.class_steps(ptr, idx, kind) for ptr, idx, _, _, kind in parts]
             )
-        counts = np.fromiter(map(len, map(_CHILDREN, nodes)), dtype=np.int64, count=len(nodes))
-        child_ptr = np.zeros(len(nodes) + 1, dtype=np.int64)
-        np.cumsum(counts, out=child_ptr[1:])
-        children = itertools.chain.from_iterable(map(_CHILDREN, nodes))
-        child_idx = np.fromiter(
-            map(ids.__getitem__, map(id, children)), dtype=np.int64, count=int(child_ptr[-1])
-        )
-        data = _stack_tree_data(list(map(_DATA, nodes)))
-        kind = _kind_ids(list(map(_KIND, nodes)), kinds)
-        return cls._build(
-            child_ptr, child_idx, data, np.asarray(roots, dtype=np.int64), kind=kind, kinds=kinds
-        )
+            forests = [
+                cls._build(ptr, idx, data, roots, at_least=classes,
+                           pad_roots=_planner.ladder(roots.size), kind=kind, kinds=kinds)
+                for ptr, idx, data, roots, kind in parts
+            ]
+            return cls._pad_to_one_shape(forests, shapes, 1.25)
 
     @classmethod
     def from_parents(
@@ -401,8 +362,12 @@ class Forest:
             )
         # One set of width classes for all: each forest choosing its own, their union
         # would hold every class any of them chose.
-        classes = _planner.shared_classes([f.plan for f in forests])
-        forests = [f.padded(classes) for f in forests]
+        classes = _planner.shared_classes([f.plan.class_steps for f in forests])
+        return cls._pad_to_one_shape([f.padded(classes) for f in forests], shapes, slack)
+
+    @classmethod
+    def _pad_to_one_shape(cls, forests: list[Forest], shapes: list | None, slack: float) -> list[Forest]:
+        """``pad_all``'s second half: forests padded at shared classes, padded to one shape."""
         want = forests[0]._pad_shape()
         for f in forests[1:]:
             want = want.union(f._pad_shape())
@@ -606,6 +571,74 @@ class Forest:
 _CHILDREN = operator.attrgetter("children")
 _DATA = operator.attrgetter("data")
 _KIND = operator.attrgetter("kind")
+
+
+def _tree_list(trees) -> list[Tree]:
+    """``trees`` as a list, checked as ``Forest.from_trees`` documents."""
+    if isinstance(trees, Tree):
+        raise TypeError("Forest.from_trees takes a list of trees; wrap one tree as [tree].")
+    try:
+        trees = list(trees)
+    except TypeError:
+        raise TypeError(
+            f"Forest.from_trees takes a list of trees; got a {type(trees).__name__}."
+        ) from None
+    if not trees:
+        raise ValueError("empty forest: Forest.from_trees got no trees.")
+    for i, t in enumerate(trees):
+        if not isinstance(t, Tree):
+            raise TypeError(
+                f"Forest.from_trees: element {i} is a {type(t).__name__}, not an rj.Tree."
+            )
+    return trees
+
+
+def _tree_arrays(trees: list[Tree], kinds):
+    """``(child_ptr, child_idx, data, roots, kind)`` of ``Tree`` objects, numbered in pre-order.
+
+    Iterative pre-order; a node reached again (a DAG) keeps its first number. A cycle
+    (possible only by reassigning Tree.children) is reported by the planner. Everything
+    after the walk iterates in C (map, itemgetter), not in Python.
+    """
+    ids: dict[int, int] = {}
+    nodes: list[Tree] = []
+    roots = []
+    try:
+        for root in trees:
+            stack = [root]
+            pop, push = stack.pop, stack.extend
+            while stack:
+                t = pop()
+                key = id(t)
+                if key in ids:
+                    continue
+                ids[key] = len(nodes)
+                nodes.append(t)
+                push(t.children[::-1])
+            roots.append(ids[id(root)])
+    except (AttributeError, TypeError):  # only by reassigning Tree.children
+        if isinstance(t, Tree):
+            raise TypeError(
+                f"node {ids[id(t)]}'s children are a {type(t.children).__name__}; "
+                "Tree.children must be a tuple of rj.Tree objects."
+            ) from None
+        nodes.append(t)
+    if not all(map(isinstance, nodes, itertools.repeat(Tree))):  # the same
+        bad = next(t for t in nodes if not isinstance(t, Tree))
+        parent = next(i for i, n in enumerate(nodes) if any(c is bad for c in n.children))
+        raise TypeError(
+            f"node {parent} has a child that is a {type(bad).__name__}, not an rj.Tree."
+        )
+    counts = np.fromiter(map(len, map(_CHILDREN, nodes)), dtype=np.int64, count=len(nodes))
+    child_ptr = np.zeros(len(nodes) + 1, dtype=np.int64)
+    np.cumsum(counts, out=child_ptr[1:])
+    children = itertools.chain.from_iterable(map(_CHILDREN, nodes))
+    child_idx = np.fromiter(
+        map(ids.__getitem__, map(id, children)), dtype=np.int64, count=int(child_ptr[-1])
+    )
+    data = _stack_tree_data(list(map(_DATA, nodes)))
+    kind = _kind_ids(list(map(_KIND, nodes)), kinds)
+    return child_ptr, child_idx, data, np.asarray(roots, dtype=np.int64), kind
 
 
 def _kind_list(kind, n):

@@ -590,15 +590,16 @@ def _fine_ladders(n: np.ndarray) -> np.ndarray:
     return np.where(n <= 8, n, -(-n // q) * q)
 
 
-def shared_classes(plans: Sequence[Plan]) -> PlanKey:
-    """The width classes for plans padded together: the set whose union costs least.
+def shared_classes(steps: Sequence[np.ndarray]) -> PlanKey:
+    """The width classes for forests padded together: the set whose union costs least.
 
+    ``steps`` holds each forest's ``class_steps`` (of its plan, or of ``class_steps``).
     Returns a key with an empty phase of each chosen class: planning with it as
     ``at_least`` restricts a forest to those classes, so the forests' phases agree
     (each choosing its own set, random batches differ and their union holds every
     class any of them chose).
     """
-    steps = np.max(np.stack([p.class_steps for p in plans]), axis=0)
+    steps = np.max(np.stack(steps), axis=0)
     best = int(np.argmin(_set_cost(steps)))
     used = CLASS_SETS[best] & (steps[best] > 0)
     widths = [w for w, u in zip(WIDTH_CLASSES[1:], used) if u] or [WIDTH_CLASSES[1]]
@@ -617,14 +618,14 @@ class _Layout:
     kinds: tuple  # the kinds of the internal nodes' groups
 
 
-def _lay_out(child_ptr, child_idx, degree, allowed, kind) -> _Layout:
-    """``plan``'s layout of a forest for the width classes ``allowed`` (a bool per class
-    of ``WIDTH_CLASSES[1:]``, or None to choose them)."""
-    n = degree.size
+def _groups(child_ptr, child_idx, degree, kind):
+    """Heights, the internal nodes in group order, and each group's size and kind.
+
+    Steps hold nodes of one level (and one kind): a group. Without kinds a group is a
+    level; with kinds, a (height, kind) pair, in order of height then kind.
+    """
     height = heights(child_ptr, child_idx)
     internal = np.flatnonzero(degree > 0)
-    # Steps hold nodes of one level (and one kind): a group. Without kinds a group is a
-    # level; with kinds, a (height, kind) pair, in order of height then kind.
     group_key = height[internal] if kind is None else height[internal] * (int(kind.max()) + 1) + kind[internal]
     by_group = stable_order(group_key)
     order, sorted_key = internal[by_group], group_key[by_group]  # by group, then id
@@ -632,6 +633,26 @@ def _lay_out(child_ptr, child_idx, degree, allowed, kind) -> _Layout:
     groups, level_size = sorted_key[first], np.diff(np.r_[first, sorted_key.size])
     num_kinds = 0 if kind is None else int(kind.max()) + 1
     group_kind = groups % num_kinds if num_kinds else np.zeros(groups.size, np.int64)
+    return height, order, level_size, group_kind
+
+
+def class_steps(child_ptr: np.ndarray, child_idx: np.ndarray, kind: np.ndarray | None = None) -> np.ndarray:
+    """``plan(child_ptr, child_idx, kind=kind).class_steps`` without the rest of the plan.
+
+    What ``shared_classes`` needs of a forest that is planned again at the chosen
+    classes anyway (``Forest.pad_all`` of trees): heights and level sizes, no layout.
+    """
+    child_ptr = np.asarray(child_ptr, dtype=np.int64)
+    child_idx = np.asarray(child_idx, dtype=np.int64)
+    _, _, level_size, _ = _groups(child_ptr, child_idx, np.diff(child_ptr), kind)
+    return _width_class(level_size)[1]
+
+
+def _lay_out(child_ptr, child_idx, degree, allowed, kind) -> _Layout:
+    """``plan``'s layout of a forest for the width classes ``allowed`` (a bool per class
+    of ``WIDTH_CLASSES[1:]``, or None to choose them)."""
+    n = degree.size
+    height, order, level_size, group_kind = _groups(child_ptr, child_idx, degree, kind)
     # Classes must not grow with height so that each class is one run of levels.
     mask = None if allowed is None else np.array(allowed)
     level_class, class_steps, alt = _width_class(level_size, mask)

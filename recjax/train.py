@@ -132,7 +132,7 @@ def batches(
     shapes = [] if shapes is None else shapes  # appended to by the loader thread only
 
     def plan_window(w):
-        forests = Forest.pad_all([Forest.from_trees([trees[j] for j in g]) for g in w], shapes)
+        forests = Forest._pad_trees([[trees[j] for j in g] for g in w], shapes=shapes)
         return [Batch(f, g) for f, g in zip(forests, w)]
 
     yield from _background(plan_window, windows, prefetch)

@@ -4,11 +4,12 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
 import recjax as rj
-from models import random_binary_tree
+from models import random_binary_tree, random_tree
 from recjax import _planner
 
 
@@ -211,7 +212,7 @@ def test_plan_reusing_a_layout_equals_a_fresh_plan(seed, kinds):
     forest = rj.Forest.from_trees(trees)
     kind = rng.integers(0, 3, forest.child_ptr.size - 1) if kinds else None
     first = _planner.plan(forest.child_ptr, forest.child_idx, kind=kind)
-    classes = _planner.shared_classes([first])
+    classes = _planner.shared_classes([first.class_steps])
     narrow = _planner.plan(forest.child_ptr, forest.child_idx, classes, kind, reuse=first)
     _assert_same_plan(narrow, _planner.plan(forest.child_ptr, forest.child_idx, classes, kind))
     grow = lambda p: p._replace(steps=p.steps + int(rng.integers(0, 9)), edges=2 * p.edges)
@@ -308,3 +309,71 @@ def test_chain_heights_take_few_rounds():
     idx = np.fromiter((c for k in kids for c in k), np.int64)
     want = np.r_[np.arange(n, 0, -1), np.zeros(nxt - n, np.int64)]
     np.testing.assert_array_equal(_planner.heights(ptr, idx), want)
+
+
+def _random_forest_trees(rng, kinds):
+    """Random trees of mixed shapes: binary, wide, and chains (narrow top levels)."""
+    def tag():
+        return kinds[int(rng.integers(len(kinds)))] if kinds else None
+
+    trees = []
+    for _ in range(int(rng.integers(1, 12))):
+        shape = int(rng.integers(3))
+        if shape == 0:
+            t = random_binary_tree(rng, int(rng.integers(1, 30)))
+        elif shape == 1:
+            t = random_tree(rng, int(rng.integers(1, 40)), 5, lambda i: np.float32(i))
+        else:
+            t = rj.Tree(np.float32(0))
+            for _ in range(int(rng.integers(1, 60))):
+                t = rj.Tree(np.float32(1), [t])
+        trees.append(t)
+    # one data schema (random_binary_tree holds int tokens), and random kinds
+    def retag(t):
+        return rj.Tree(np.float32(len(t.children)), [retag(c) for c in t.children], kind=tag())
+
+    return [retag(t) for t in trees]
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("kinds", [None, ("A", "B", "C")])
+def test_class_steps_alone_equal_the_plans(seed, kinds):
+    rng = np.random.default_rng(seed)
+    forest = rj.Forest.from_trees(_random_forest_trees(rng, kinds), kinds=kinds)
+    kind = forest._kind
+    steps = _planner.class_steps(forest.child_ptr, forest.child_idx, kind)
+    np.testing.assert_array_equal(steps, _planner.plan(forest.child_ptr, forest.child_idx, kind=kind).class_steps)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("kinds", [None, ("A", "B", "C")])
+def test_padding_trees_at_once_equals_pad_all_of_their_forests(seed, kinds):
+    # batches pads each window with Forest._pad_trees, which skips the plan each forest
+    # gets alone in from_trees; windows in a row share one list of shapes.
+    rng = np.random.default_rng(seed)
+    windows = [
+        [_random_forest_trees(rng, kinds) for _ in range(int(rng.integers(1, 5)))]
+        for _ in range(4)
+    ]
+    seen_fast, seen_slow = [], []
+    for w in windows:
+        fast = rj.Forest._pad_trees(w, kinds, seen_fast)
+        slow = rj.Forest.pad_all([rj.Forest.from_trees(g, kinds=kinds) for g in w], seen_slow)
+        assert seen_fast == seen_slow
+        for a, b in zip(fast, slow, strict=True):
+            assert a._meta == b._meta
+            _assert_same_plan(a.plan, b.plan)
+            la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+            assert len(la) == len(lb)
+            for x, y in zip(la, lb):
+                np.testing.assert_array_equal(x, y)
+                assert np.asarray(x).dtype == np.asarray(y).dtype
+            np.testing.assert_array_equal(a.child_ptr, b.child_ptr)
+            np.testing.assert_array_equal(a.child_idx, b.child_idx)
+
+
+def test_padding_trees_checks_them_like_from_trees():
+    with pytest.raises(TypeError, match="element 1 is a int, not an rj.Tree"):
+        rj.Forest._pad_trees([[rj.Tree(1.0)], [rj.Tree(1.0), 3]])
+    with pytest.raises(ValueError, match="Forest.from_trees got no trees"):
+        rj.Forest._pad_trees([[]])
