@@ -411,6 +411,8 @@ def summary_markdown():
                      f"of {f.get('cpus')} CPUs on average).")
     tunables = f.get("glibc_tunables")
     lines.append(f"- Memory: `GLIBC_TUNABLES={tunables}`" if tunables else "- Memory: `GLIBC_TUNABLES` unset")
+    if f.get("ld_preload"):
+        lines[-1] += f", `LD_PRELOAD={f['ld_preload']}` `MALLOC_CONF={f.get('malloc_conf', '')}`"
     lines[-1] += (f", transparent huge pages `{f.get('thp')}` (see \"Page faults\" in "
                   "benchmarks/README.md; faults per call are in the last table).")
     lines.append("- nodes/s = real nodes / median seconds per call. In parentheses: recjax's rate "

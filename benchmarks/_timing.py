@@ -93,14 +93,20 @@ def minor_faults():
 
 
 def malloc_facts():
-    """How large allocations get their pages: glibc tunables and transparent huge pages."""
+    """How large allocations get their pages: glibc tunables, transparent huge pages, and
+    a preloaded allocator (``LD_PRELOAD``, jemalloc's ``MALLOC_CONF``)."""
     thp = "?"
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
             thp = f.read().split("[", 1)[1].split("]", 1)[0]
     except (OSError, IndexError):
         pass
-    return {"glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "thp": thp}
+    return {
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "thp": thp,
+        "ld_preload": os.environ.get("LD_PRELOAD", ""),
+        "malloc_conf": os.environ.get("MALLOC_CONF", ""),
+    }
 
 
 def fmt_rate(x):
