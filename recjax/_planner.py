@@ -229,8 +229,12 @@ def stable_order(keys: np.ndarray) -> np.ndarray:
     return np.argsort(keys, kind="stable")
 
 
-def heights(child_ptr: np.ndarray, child_idx: np.ndarray) -> np.ndarray:
+def heights(child_ptr: np.ndarray, child_idx: np.ndarray, parent: np.ndarray | None = None) -> np.ndarray:
     """Height of every node (0 for leaves, 1 + max over children otherwise).
+
+    ``parent``: ``_parents(child_ptr, child_idx)`` if the caller has it. Where every node
+    has at most one parent and the forest is shallow, ``_shallow_tree_heights`` (a
+    round per level, no setup) is tried first; otherwise, and where it gives up:
 
     A node with one internal (non-leaf) child ``c`` has height ``height[c] + 1``
     whatever its leaf children (they add 1 at most), so runs of such nodes are contracted
@@ -245,6 +249,12 @@ def heights(child_ptr: np.ndarray, child_idx: np.ndarray) -> np.ndarray:
     """
     n = child_ptr.shape[0] - 1
     degree = np.diff(child_ptr)
+    if parent is None:
+        parent = _parents(child_ptr, child_idx)
+    if parent is not None:
+        height = _shallow_tree_heights(parent, degree)
+        if height is not None:
+            return height
     nodes = np.arange(n, dtype=np.int64)
     parent_of_edge = np.repeat(nodes, degree)
     # end[v]: the first node at or below v with other than one internal child; dist[v]:
@@ -294,6 +304,44 @@ def heights(child_ptr: np.ndarray, child_idx: np.ndarray) -> np.ndarray:
     height = np.where(resolved, height[end] + dist, -1)
     if (height < 0).any():
         raise ValueError(_describe_cycle(child_ptr, child_idx, height))
+    return height
+
+
+# _shallow_tree_heights gives up once the levels left are sure to be more than this.
+_MAX_SHALLOW_ROUNDS = 64
+
+
+def _shallow_tree_heights(parent: np.ndarray, degree: np.ndarray) -> np.ndarray | None:
+    """Heights of a forest of trees, level by level from the leaves; None if it is deep.
+
+    A node is ready once its last child is done, in the round numbered by its height, so
+    a round is a dozen numpy operations over one level and nothing more. In a forest of
+    trees no level is larger than the one below it (every node of height h + 1 has its
+    own child of height h), so with ``r`` nodes left and ``f`` in the frontier at least
+    ``r / f`` levels are left: past ``_MAX_SHALLOW_ROUNDS`` of them (a chain, a very deep
+    tree) this gives up for ``heights``' contraction, which takes O(log) rounds. None
+    too where nodes are never ready (a cycle: ``heights`` describes it).
+    """
+    n = degree.size
+    up = np.where(parent >= 0, parent, n)  # roots point to a node that is never ready
+    pending = np.append(degree, n + 1)  # more than the roots
+    height = np.zeros(n, dtype=np.int64)
+    last = np.empty(n + 1, dtype=np.int64)
+    frontier = np.flatnonzero(degree == 0)
+    left = n - frontier.size
+    level = 0
+    while left:
+        parents = up[frontier]
+        np.subtract.at(pending, parents, 1)
+        done = pending[parents] == 0
+        frontier, parents = frontier[done], parents[done]
+        last[parents] = frontier  # one child per finished parent wins the write
+        frontier = parents[last[parents] == frontier]
+        if frontier.size == 0 or left > _MAX_SHALLOW_ROUNDS * frontier.size:
+            return None
+        level += 1
+        height[frontier] = level
+        left -= frontier.size
     return height
 
 
@@ -413,78 +461,92 @@ def _width_class(n: np.ndarray, allowed: np.ndarray | None = None):
     return width, class_steps, packed_width
 
 
-def _class_depths(parent, order, level_size, level_classes) -> list:
-    """Each node's distance from the top of its class's run of levels, for each of
-    ``level_classes`` (widths of the levels); None for DAGs and where no class is packed
-    (``_packs``). One pointer-jumping pass serves all of them."""
-    packs = [
-        parent is not None
-        and any(_packs(w, level_size[lc == w], parent) for w in np.unique(lc).tolist())
-        for lc in level_classes
-    ]
-    if not any(packs):
+def _class_depths(parent, order, level_size, level_classes, packed) -> list:
+    """The internal nodes' distances from the top of their class's run of levels, in
+    ``order``, for each of ``level_classes`` (widths of the levels); None where no class
+    is packed (``packed``: each one's ``_packed``). One pointer-jumping pass over the
+    internal nodes serves all of them."""
+    todo = [i for i, p in enumerate(packed) if p]
+    if not todo:
         return [None] * len(level_classes)
-    n = parent.size
-    cls = np.zeros((len(level_classes), n), dtype=np.int64)
-    cls[:, order] = np.stack([np.repeat(lc, level_size) for lc in level_classes])
-    offset = np.arange(len(level_classes))[:, None] * n  # one copy of the forest each
-    stacked = np.where(parent >= 0, parent + offset, -1).ravel()
-    depth = _depth_in_class(stacked, cls.ravel()).reshape(cls.shape)
-    return [d if p else None for d, p in zip(depth, packs)]
+    n, m = parent.size, order.size
+    position = np.full(n + 1, -1, dtype=np.int64)  # n: the roots' parent (-1)
+    position[order] = np.arange(m)
+    up = position[parent[order]]
+    offset = np.arange(len(todo))[:, None] * m  # one copy of the internal nodes each
+    stacked = np.where(up >= 0, up + offset, -1).ravel()
+    cls = np.concatenate([np.repeat(level_classes[i], level_size) for i in todo])
+    depth = dict(zip(todo, _depth_in_class(stacked, cls).reshape(len(todo), m)))
+    return [depth.get(i) for i in range(len(level_classes))]
 
 
-def _packs(width: int, sizes: np.ndarray, depth) -> bool:
-    """Whether a class's levels (``sizes``) are laid out by ``_pack``: trees only (given
-    ``depth``, or the parents), not the narrowest class (one-node chain levels), and only
-    where the level-by-level layout leaves a step's worth of rows a later level could fill."""
-    gaps = int(np.sum(-(-sizes[:-1] // width) * width - sizes[:-1]))
-    return depth is not None and width != WIDTH_CLASSES[0] and gaps >= width
+def _runs(level_size: np.ndarray, level_class: np.ndarray) -> dict:
+    """Each class's levels and nodes (positions in ``order``) as slices, ``{width: (levels,
+    nodes)}``: widths never grow with height, so a class is one run of levels."""
+    if not level_class.size:
+        return {}
+    ends = np.cumsum(level_size).tolist()
+    change = (np.flatnonzero(level_class[1:] != level_class[:-1]) + 1).tolist()
+    return {
+        int(level_class[a]): (slice(a, b), slice(ends[a] - int(level_size[a]), ends[b - 1]))
+        for a, b in zip([0] + change, change + [level_class.size])
+    }
 
 
-def _layout(order, level_size, level_class, child_ptr, child_idx, depth, scratch):
+def _packed(level_size: np.ndarray, runs: dict) -> list:
+    """The widths whose levels ``_pack`` lays out (for trees): not the narrowest class
+    (one-node chain levels), and only where the level-by-level layout leaves a step's
+    worth of rows that a later level could fill."""
+    out = []
+    for width, (levels, _) in runs.items():
+        gaps = int(np.sum(-level_size[levels][:-1] % width))
+        if width != WIDTH_CLASSES[0] and gaps >= width:
+            out.append(width)
+    return out
+
+
+def _layout(order, level_size, runs, child_ptr, child_idx, depth, packed, scratch):
     """Every class's nodes and their slots (``step * width + row``), widest class first.
 
     ``order``: the internal nodes level by level (``level_size`` each, in height order);
-    ``level_class``: each level's width; ``depth``: ``_class_depths`` (None: no packing).
-    Where ``_packs``, steps are filled across levels (``_pack``); otherwise each level
-    starts a step.
+    ``runs``: each class's levels (``_runs``); ``depth``: ``_class_depths``. The classes
+    in ``packed`` fill steps across levels (``_pack``); in the others each level starts
+    a step.
     """
-    level_steps = -(-level_size // level_class)
-    level_first = np.cumsum(level_size) - level_size  # index into `order`
-    rank = np.arange(order.size) - np.repeat(level_first, level_size)
-    node_class = np.repeat(level_class, level_size)
     out = []
     for width in WIDTH_CLASSES[::-1]:
-        in_phase = level_class == width
-        sel = node_class == width
-        nodes = order[sel]
-        if _packs(width, level_size[in_phase], depth):
-            slot = _pack(nodes, width, child_ptr, child_idx, depth, scratch)
+        if width not in runs:
+            out.append((width, order[:0], order[:0]))
+            continue
+        levels, at = runs[width]
+        nodes = order[at]
+        if width in packed:
+            slot = _pack(nodes, depth[at], width, child_ptr, child_idx, scratch)
             by_slot = np.full(int(slot.max()) + 1, -1, dtype=np.int64)  # slots are distinct
             by_slot[slot] = np.arange(slot.size)
             by_slot = by_slot[by_slot >= 0]
             nodes, slot = nodes[by_slot], slot[by_slot]
-        else:
-            step_first = np.cumsum(level_steps * in_phase) - level_steps * in_phase
-            slot = (np.repeat(step_first, level_size)[sel] + rank[sel] // width) * width + rank[sel] % width
+        else:  # a level's k-th node: row k % width of its (k // width)-th step
+            sizes = level_size[levels]
+            steps = -(-sizes // width)
+            first_slot = (np.cumsum(steps) - steps) * width
+            slot = np.arange(nodes.size) + np.repeat(first_slot - (np.cumsum(sizes) - sizes), sizes)
         out.append((width, nodes, slot))
     return out
 
 
-def _estimated_cost(order, level_size, level_class, depth) -> int:
+def _estimated_cost(level_size, runs, depth, packed) -> int:
     """What ``_set_cost`` charges for a layout (rows, steps and phases after the ladder),
     before it is laid out: a packed class takes ``max_j (j + ceil(n_j / width))`` steps
     for ``n_j`` its nodes at least ``j`` below the top of the phase (Hu's bound, which
     ``_pack`` reaches), the others a whole number of steps per level."""
-    node_class = np.repeat(level_class, level_size)
     cost = 0
-    for width in np.unique(level_class).tolist():
-        sizes = level_size[level_class == width]
-        if _packs(width, sizes, depth):
-            below = np.bincount(depth[order[node_class == width]])[::-1].cumsum()[::-1]
+    for width, (levels, at) in runs.items():
+        if width in packed:
+            below = np.bincount(depth[at])[::-1].cumsum()[::-1]
             steps = int(np.max(np.arange(below.size) - (-below // width)))
         else:
-            steps = int(np.sum(-(-sizes // width)))
+            steps = int(np.sum(-(-level_size[levels] // width)))
         cost += fine_ladder(steps) * (_STEP_COST + width) + _PHASE_COST
     return cost
 
@@ -519,11 +581,12 @@ def _depth_in_class(parent: np.ndarray, cls: np.ndarray) -> np.ndarray:
     return depth
 
 
-def _pack(nodes, width, child_ptr, child_idx, depth, scratch) -> np.ndarray:
+def _pack(nodes, depth, width, child_ptr, child_idx, scratch) -> np.ndarray:
     """Slots (``step * width + row``) of one phase's nodes, filling steps across levels.
 
     Hu's list schedule: step by step, the ready nodes (every child in an earlier step or
-    an earlier phase) farthest from the top of the phase (``depth``) go first. It takes
+    an earlier phase) farthest from the top of the phase (``depth``, one per node) go
+    first. It takes
     the fewest steps a tree can take at this width, ``max_j (j + ceil(n_j / width))``
     with ``n_j`` the nodes at least ``j`` below the top.
 
@@ -534,42 +597,43 @@ def _pack(nodes, width, child_ptr, child_idx, depth, scratch) -> np.ndarray:
     ``min(backlog, free rows)`` of them, and the departures through step ``t`` are
     ``C(t) + min(0, min_{s <= t} (A(s) - C(s)))`` for ``A``, ``C`` the arrivals and free
     rows through ``t``: a dozen numpy operations per depth. ``scratch``: ``[num_nodes]``
-    all -1; it holds the slots while this runs.
+    all 1 (a node of an earlier phase makes its parent ready at step 1); it holds the
+    step after each node's while this runs.
 
     For a batch of 256 SST-like binary trees (4,511 internal nodes, 13 levels) at width
     128 this takes 36 steps where the level-by-level layout takes 44.
     """
-    by_depth = stable_order(-depth[nodes])
-    nodes = nodes[by_depth]
-    d = depth[nodes]
+    by_depth = stable_order(-depth)
+    nodes, d = nodes[by_depth], depth[by_depth]
     ends = np.flatnonzero(d[1:] != d[:-1]) + 1
     firsts, ends = np.concatenate(([0], ends)), np.concatenate((ends, [nodes.size]))
-    deg = child_ptr[nodes + 1] - child_ptr[nodes]  # >= 1: a phase holds internal nodes
+    starts = child_ptr[nodes]
+    deg = child_ptr[nodes + 1] - starts  # >= 1: a phase holds internal nodes
     edge_end = np.cumsum(deg)
     edge_first = edge_end - deg
-    kids = child_idx[concat_ranges(child_ptr[nodes], deg)]  # node by node, group by group
+    kids = child_idx[np.arange(int(edge_end[-1])) + np.repeat(starts - edge_first, deg)]  # node by node
     # A list schedule never idles a row while a node is ready, so it ends within
     # ceil(nodes / width) steps plus the longest chain (Graham's bound). Step 0 below is
     # a step before the phase with no rows (it keeps the arrays free of edge cases).
     horizon = -(-nodes.size // width) + int(d[0]) + 2
+    small = np.int16 if horizon < 2**15 else np.int64  # stable sorts of int16 are radix sorts
     free = np.full(horizon, width, dtype=np.int64)  # rows left per step
     free[0] = 0
-    step_slot = np.arange(-1, horizon - 1, dtype=np.int64) * width + width  # one past the step's last slot
     count = np.arange(int(np.max(ends - firsts)), dtype=np.int64)
     slot = np.empty(nodes.size, dtype=np.int64)
     groups = zip(firsts.tolist(), ends.tolist(), edge_first[firsts].tolist(), edge_end[ends - 1].tolist())
     for first, end, e0, e1 in groups:
-        # 1 + scratch // width: a child's step in this phase, 0 elsewhere (ready at 1)
-        ready = np.maximum.reduceat(scratch[kids[e0:e1]] // width, edge_first[first:end] - e0) + 2
-        queue = np.argsort(ready, kind="stable")  # first come, first served
+        ready = np.maximum.reduceat(scratch[kids[e0:e1]], edge_first[first:end] - e0)
+        queue = first + np.argsort(ready.astype(small), kind="stable")  # first come, first served
         rows = np.cumsum(free)
         served = rows + np.minimum(np.minimum.accumulate(np.cumsum(np.bincount(ready, minlength=horizon)) - rows), 0)
-        step = np.searchsorted(served, count[: end - first], side="right")
-        at = (step_slot[1:] - free[1:] - served[:-1])[step - 1] + count[: end - first]
-        free[1:] -= np.diff(served)
-        slot[first + queue] = at
-        scratch[nodes[first + queue]] = at
-    scratch[nodes] = -1
+        c = count[: end - first]
+        step = np.searchsorted(served, c, side="right")
+        # the step's used rows, then the group's earlier nodes in it
+        slot[queue] = step * width - free[step] - served[step - 1] + c
+        free[1:] -= served[1:] - served[:-1]
+        scratch[nodes[queue]] = step + 1
+    scratch[nodes] = 1
     out = np.empty_like(slot)
     out[by_depth] = slot
     return out
@@ -585,9 +649,14 @@ def _set_cost(class_steps: np.ndarray) -> np.ndarray:
 def _fine_ladders(n: np.ndarray) -> np.ndarray:
     """``fine_ladder`` of every element of an integer array."""
     n = np.maximum(np.asarray(n, dtype=np.int64), 0)
+    if n.size and n.max() < _FINE_LADDER.size:
+        return _FINE_LADDER[n]
     bits = np.frexp(np.maximum(n - 1, 1).astype(np.float64))[1]  # (n - 1).bit_length()
     q = np.left_shift(1, np.maximum(bits - 3, 0)).astype(np.int64)
     return np.where(n <= 8, n, -(-n // q) * q)
+
+
+_FINE_LADDER = np.array([fine_ladder(n) for n in range(4096)], dtype=np.int64)
 
 
 def shared_classes(steps: Sequence[np.ndarray]) -> PlanKey:
@@ -618,22 +687,24 @@ class _Layout:
     kinds: tuple  # the kinds of the internal nodes' groups
 
 
-def _groups(child_ptr, child_idx, degree, kind):
+def _groups(child_ptr, child_idx, degree, kind, parent):
     """Heights, the internal nodes in group order, and each group's size and kind.
 
     Steps hold nodes of one level (and one kind): a group. Without kinds a group is a
-    level; with kinds, a (height, kind) pair, in order of height then kind.
+    level; with kinds, a (height, kind) pair, in order of height then kind. ``parent``:
+    ``_parents``.
     """
-    height = heights(child_ptr, child_idx)
+    height = heights(child_ptr, child_idx, parent)
     internal = np.flatnonzero(degree > 0)
     group_key = height[internal] if kind is None else height[internal] * (int(kind.max()) + 1) + kind[internal]
     by_group = stable_order(group_key)
     order, sorted_key = internal[by_group], group_key[by_group]  # by group, then id
+    if kind is None:  # every level from 1 to the top holds a node
+        level_size = np.bincount(sorted_key)[1:]
+        return height, order, level_size, np.zeros(level_size.size, np.int64)
     first = np.flatnonzero(np.r_[sorted_key.size > 0, sorted_key[1:] != sorted_key[:-1]])
     groups, level_size = sorted_key[first], np.diff(np.r_[first, sorted_key.size])
-    num_kinds = 0 if kind is None else int(kind.max()) + 1
-    group_kind = groups % num_kinds if num_kinds else np.zeros(groups.size, np.int64)
-    return height, order, level_size, group_kind
+    return height, order, level_size, groups % (int(kind.max()) + 1)
 
 
 def class_steps(child_ptr: np.ndarray, child_idx: np.ndarray, kind: np.ndarray | None = None) -> np.ndarray:
@@ -644,7 +715,8 @@ def class_steps(child_ptr: np.ndarray, child_idx: np.ndarray, kind: np.ndarray |
     """
     child_ptr = np.asarray(child_ptr, dtype=np.int64)
     child_idx = np.asarray(child_idx, dtype=np.int64)
-    _, _, level_size, _ = _groups(child_ptr, child_idx, np.diff(child_ptr), kind)
+    parent = _parents(child_ptr, child_idx)
+    _, _, level_size, _ = _groups(child_ptr, child_idx, np.diff(child_ptr), kind, parent)
     return _width_class(level_size)[1]
 
 
@@ -652,25 +724,30 @@ def _lay_out(child_ptr, child_idx, degree, allowed, kind) -> _Layout:
     """``plan``'s layout of a forest for the width classes ``allowed`` (a bool per class
     of ``WIDTH_CLASSES[1:]``, or None to choose them)."""
     n = degree.size
-    height, order, level_size, group_kind = _groups(child_ptr, child_idx, degree, kind)
+    parent = _parents(child_ptr, child_idx)  # None for a DAG
+    height, order, level_size, group_kind = _groups(child_ptr, child_idx, degree, kind, parent)
     # Classes must not grow with height so that each class is one run of levels.
     mask = None if allowed is None else np.array(allowed)
     level_class, class_steps, alt = _width_class(level_size, mask)
     # Steps filled across levels (_pack) can make another set of classes cheaper than the
     # one chosen for whole steps per level: cost both, lay out the cheaper.
-    scratch = np.full(n, -1, dtype=np.int64)
-    parent = _parents(child_ptr, child_idx) if kind is None else None
+    scratch = np.ones(n, dtype=np.int64)
+    trees = parent is not None and kind is None  # steps of one kind are not packed
+    runs = _runs(level_size, level_class)
+    packed = _packed(level_size, runs) if trees else []
     layout = None
-    if parent is not None and allowed is None and not np.array_equal(alt, level_class):
-        depth, alt_depth = _class_depths(parent, order, level_size, [level_class, alt])
-        if _estimated_cost(order, level_size, alt, alt_depth) < _estimated_cost(
-            order, level_size, level_class, depth
+    if trees and allowed is None and not np.array_equal(alt, level_class):
+        alt_runs = _runs(level_size, alt)
+        alt_packed = _packed(level_size, alt_runs)
+        depth, alt_depth = _class_depths(parent, order, level_size, [level_class, alt], [packed, alt_packed])
+        if _estimated_cost(level_size, alt_runs, alt_depth, alt_packed) < _estimated_cost(
+            level_size, runs, depth, packed
         ):
-            layout = _layout(order, level_size, alt, child_ptr, child_idx, alt_depth, scratch)
+            layout = _layout(order, level_size, alt_runs, child_ptr, child_idx, alt_depth, alt_packed, scratch)
     else:
-        (depth,) = _class_depths(parent, order, level_size, [level_class])
+        (depth,) = _class_depths(parent, order, level_size, [level_class], [packed])
     if layout is None:
-        layout = _layout(order, level_size, level_class, child_ptr, child_idx, depth, scratch)
+        layout = _layout(order, level_size, runs, child_ptr, child_idx, depth, packed, scratch)
     kinds = tuple(sorted(set(group_kind.tolist()))) if kind is not None else ()
     return _Layout(allowed, height, class_steps, layout, kinds)
 
@@ -741,7 +818,7 @@ def plan(
         num_leaf_rows = max(sum(r for _, r in leaf_blocks), at_least.num_leaf_rows if at_least else 0)
         leaf_node = np.concatenate([leaf_node, np.full(num_leaf_rows - leaf_node.size, leaves[0])])
 
-    # First pass: every node's step, local row and buffer row, phase by phase.
+    # First pass: every node's buffer row, phase by phase.
     phases = []
     base = num_leaf_rows
     for width, nodes, slot in layout:
@@ -749,64 +826,69 @@ def plan(
         steps = max(fine_ladder(real_steps), floor[width].steps if width in floor else 0)
         if steps == 0:
             continue
-        step, local = slot // width, slot % width
         row_of_node[nodes] = base + slot
-        phases.append((width, steps, nodes, step, local))
+        phases.append((width, steps, nodes, slot))
         base += steps * width
 
-    # Second pass: the tables (children's rows are known now).
+    # Second pass: the tables (children's rows are known now). Nodes are in slot order,
+    # so a step's nodes are contiguous, take its first rows, and own its first edge slots.
     phase_keys, tables = [], []
-    for width, steps, nodes, step, local in phases:
+    for width, steps, nodes, slot in phases:
+        step = slot // width
         deg = degree[nodes]
-        # Edge offsets restart at every step; nodes of one step are contiguous here.
-        cum = np.cumsum(deg) - deg
-        step_edge_first = np.zeros(steps, dtype=np.int64)
-        first_in_step = np.r_[True, step[1:] != step[:-1]] if step.size else np.zeros(0, bool)
-        step_edge_first[step[first_in_step]] = cum[first_in_step]
-        start = cum - step_edge_first[step]
+        edge_end = np.cumsum(deg)
         real_rows = np.bincount(step, minlength=steps)
-        real_edges = np.bincount(step, weights=deg, minlength=steps).astype(np.int64)
+        node_end = np.cumsum(real_rows)  # one past a step's last node
+        edge_bound = np.concatenate(([0], edge_end))
+        step_edge_first = edge_bound[node_end - real_rows]
+        real_edges = edge_bound[node_end] - step_edge_first
         # Every padding row owns one edge slot, after the step's real edges, whose child
         # is row 0 (a real leaf): reductions over its children then see a real value.
         pad_rows = width - real_rows
         num_edges = fine_ladder(int((real_edges + pad_rows).max()))
         num_edges = max(num_edges, floor[width].edges if width in floor else 0, 1)
         phase_keys.append(PhaseKey(width, steps, num_edges))
-        step_kind = np.zeros(steps, dtype=np.int64)
+        step_kind = np.zeros(steps, dtype=np.int32)
         if kinds:
             step_kind[step] = np.searchsorted(kinds, kind[nodes])
 
-        node_t = np.zeros((steps, width), dtype=np.int64)
-        degree_t = np.zeros((steps, width), dtype=np.int64)
-        start_t = np.zeros((steps, width), dtype=np.int64)
-        node_t[step, local] = nodes
-        degree_t[step, local] = deg
-        start_t[step, local] = start
+        node_t = np.zeros(steps * width, dtype=np.int32)
+        degree_t = np.zeros(steps * width, dtype=np.int32)
+        node_t[slot] = nodes
+        degree_t[slot] = deg
+        # a padding row's slot: after the real edges, one per padding row in row order
+        start_t = (real_edges - real_rows)[:, None] + np.arange(width)
+        start_t.reshape(-1)[slot] = edge_end - deg - step_edge_first[step]
 
-        edge_child = np.zeros((steps, num_edges), dtype=np.int64)
-        edge_seg = np.full((steps, num_edges), width, dtype=np.int64)
-        e_src = concat_ranges(child_ptr[nodes], deg)
-        e_step = np.repeat(step, deg)
-        e_pos = np.repeat(start, deg) + concat_ranges(np.zeros_like(deg), deg)
-        edge_child[e_step, e_pos] = row_of_node[child_idx[e_src]]
-        edge_seg[e_step, e_pos] = np.repeat(local, deg)
-        p_step = np.repeat(np.arange(steps), pad_rows)
-        p_local = concat_ranges(real_rows, pad_rows)
-        p_pos = real_edges[p_step] + p_local - real_rows[p_step]
-        start_t[p_step, p_local] = p_pos
-        edge_seg[p_step, p_pos] = p_local  # edge_child stays 0
+        # Real edges, flat in [steps, num_edges]: edge e of the phase (node order) goes
+        # to slot e - step_edge_first of its node's step.
+        first_edge = edge_end - deg
+        edge_slot = np.arange(int(edge_bound[-1]), dtype=np.int64) + np.repeat(
+            step * num_edges - step_edge_first[step], deg
+        )
+        edge_src = np.arange(edge_slot.size, dtype=np.int64) + np.repeat(child_ptr[nodes] - first_edge, deg)
+        edge_child = np.zeros(steps * num_edges, dtype=np.int64)
+        edge_child[edge_slot] = row_of_node[child_idx[edge_src]]
+        edge_child = edge_child.reshape(steps, num_edges)
+        edge_seg = np.full(steps * num_edges, width, dtype=np.int64)
+        edge_seg[edge_slot] = np.repeat(slot - step * width, deg)
+        edge_seg = edge_seg.reshape(steps, num_edges)
+        pad_local = np.arange(num_edges) - (real_edges - real_rows)[:, None]  # its row
+        is_pad = (pad_local >= real_rows[:, None]) & (pad_local < width)
+        edge_seg = np.where(is_pad, pad_local, edge_seg)  # edge_child stays 0
         # Unused slots borrow the last row's node-level values in map reductions (their
         # results are dropped); they read that row's own first child too, so a NaN in one
         # tree can only reach rows of that tree, even through zero cotangents.
-        unused = edge_seg == width
         last_first_child = edge_child[np.arange(steps), start_t[:, width - 1]]
-        edge_child = np.where(unused, last_first_child[:, None], edge_child)
+        edge_child = np.where(edge_seg == width, last_first_child[:, None], edge_child)
         tables.append(
             PhaseTables(
-                *(
-                    a.astype(np.int32)
-                    for a in (node_t, degree_t, start_t, edge_child, edge_seg, step_kind)
-                )
+                node_t.reshape(steps, width),
+                degree_t.reshape(steps, width),
+                start_t.astype(np.int32),
+                edge_child.astype(np.int32),
+                edge_seg.astype(np.int32),
+                step_kind,
             )
         )
 

@@ -169,9 +169,9 @@ def test_packing_takes_the_fewest_steps(seed, width):
     nodes = internal[np.argsort(height[internal], kind="stable")]  # level by level
     parent = _planner._parents(forest.child_ptr, forest.child_idx)
     depth = _planner._depth_in_class(parent, (height > 0).astype(np.int64))
-    scratch = np.full(n, -1, dtype=np.int64)
-    slot = _planner._pack(nodes, width, forest.child_ptr, forest.child_idx, depth, scratch)
-    assert (scratch == -1).all() and len(set(slot.tolist())) == nodes.size
+    scratch = np.ones(n, dtype=np.int64)
+    slot = _planner._pack(nodes, depth[nodes], width, forest.child_ptr, forest.child_idx, scratch)
+    assert (scratch == 1).all() and len(set(slot.tolist())) == nodes.size
     step = np.full(n, -1)
     step[nodes] = slot // width
     for v in nodes:
