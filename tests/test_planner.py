@@ -311,6 +311,36 @@ def test_chain_heights_take_few_rounds():
     np.testing.assert_array_equal(_planner.heights(ptr, idx), want)
 
 
+def test_shallow_trees_take_a_round_per_level_and_deep_ones_give_way():
+    """``heights`` of trees goes level by level (``_shallow_tree_heights``) until the
+    levels known to be left pass ``_MAX_SHALLOW_ROUNDS``, then contracts instead; the two
+    agree with plain recursion on shallow forests, on chains, and on a bushy forest
+    under a long chain (where the level-by-level pass starts, then gives up)."""
+    rng = np.random.default_rng(0)
+    bushy = [random_binary_tree(rng, int(rng.integers(2, 60))) for _ in range(40)]
+    top = rj.Tree(np.float32(0), [rj.Tree(np.float32(0)), rj.Tree(np.float32(0))])
+    for _ in range(300):
+        top = rj.Tree(np.float32(0), [top, rj.Tree(np.float32(0))])
+    cases = {
+        "shallow": (bushy, True),
+        "bushy under a chain": ([rj.Tree(np.float32(0), [top] + [_float_tree(t) for t in bushy])], False),
+    }
+    for name, (trees, shallow) in cases.items():
+        forest = rj.Forest.from_trees([_float_tree(t) for t in trees])
+        children = [forest.children(i).tolist() for i in range(forest.num_nodes)]
+        ptr, idx = forest.child_ptr, forest.child_idx
+        parent = _planner._parents(ptr, idx)
+        got = _planner._shallow_tree_heights(parent, np.diff(ptr))
+        assert (got is not None) == shallow, name
+        assert _planner.heights(ptr, idx).tolist() == brute_heights(children), name
+        if shallow:
+            assert got.tolist() == brute_heights(children), name
+
+
+def _float_tree(t):
+    return rj.Tree(np.float32(0), [_float_tree(c) for c in t.children])
+
+
 def _random_forest_trees(rng, kinds):
     """Random trees of mixed shapes: binary, wide, and chains (narrow top levels)."""
     def tag():
