@@ -621,16 +621,20 @@ def _pack(nodes, depth, width, child_ptr, child_idx, scratch) -> np.ndarray:
     free[0] = 0
     count = np.arange(int(np.max(ends - firsts)), dtype=np.int64)
     slot = np.empty(nodes.size, dtype=np.int64)
+    group_edge_first = edge_first - np.repeat(edge_first[firsts], ends - firsts)  # from the group's first
+    step_end = np.arange(horizon, dtype=np.int64) * width  # one past the step's last slot
     groups = zip(firsts.tolist(), ends.tolist(), edge_first[firsts].tolist(), edge_end[ends - 1].tolist())
     for first, end, e0, e1 in groups:
-        ready = np.maximum.reduceat(scratch[kids[e0:e1]], edge_first[first:end] - e0)
+        ready = np.maximum.reduceat(scratch[kids[e0:e1]], group_edge_first[first:end])
         queue = first + np.argsort(ready.astype(small), kind="stable")  # first come, first served
         rows = np.cumsum(free)
         served = rows + np.minimum(np.minimum.accumulate(np.cumsum(np.bincount(ready, minlength=horizon)) - rows), 0)
         c = count[: end - first]
         step = np.searchsorted(served, c, side="right")
-        # the step's used rows, then the group's earlier nodes in it
-        slot[queue] = step * width - free[step] - served[step - 1] + c
+        # a step's first free slot, less the group's nodes served before it
+        first_free = step_end - free
+        first_free[1:] -= served[:-1]
+        slot[queue] = first_free[step] + c
         free[1:] -= served[1:] - served[:-1]
         scratch[nodes[queue]] = step + 1
     scratch[nodes] = 1
