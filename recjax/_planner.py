@@ -586,9 +586,8 @@ def _pack(nodes, depth, width, child_ptr, child_idx, scratch) -> np.ndarray:
 
     Hu's list schedule: step by step, the ready nodes (every child in an earlier step or
     an earlier phase) farthest from the top of the phase (``depth``, one per node) go
-    first. It takes
-    the fewest steps a tree can take at this width, ``max_j (j + ceil(n_j / width))``
-    with ``n_j`` the nodes at least ``j`` below the top.
+    first. It takes the fewest steps a tree can take at this width,
+    ``max_j (j + ceil(n_j / width))`` with ``n_j`` the nodes at least ``j`` below the top.
 
     Computed a depth at a time, farthest first: the deeper nodes never wait for
     shallower ones, so their steps are final before a group is placed, and the group
