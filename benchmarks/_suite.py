@@ -369,11 +369,18 @@ def ceiling_rate(shape):
     return max(samples) if samples else None
 
 
-def ceiling_fraction(r: Result):
+def ceiling_fraction(r: Result, run_fastest: bool = False):
     """recjax's share of the FLOP ceiling for result ``r`` (None without a ceiling): the
-    ceiling sampled just before and after ``r`` was timed (the faster), else the run's."""
+    ceiling sampled just before and after ``r`` was timed (the faster), else (or with
+    ``run_fastest``) the fastest sample of the run, which a slow spell cannot lower."""
     w = WORKLOADS[r.workload]
-    rate = r.info.get("ceiling_flops") or ceiling_rate(w.model.ceiling_shape)
+    shape = w.model.ceiling_shape
+    if run_fastest:
+        near = [x.info["ceiling_flops"] for x in RESULTS
+                if WORKLOADS[x.workload].model.ceiling_shape == shape and "ceiling_flops" in x.info]
+        rate = max(near + CEILINGS.get(shape, []), default=None)
+    else:
+        rate = r.info.get("ceiling_flops") or ceiling_rate(shape)
     if rate is None or not r.seconds:
         return None
     c = SIZES[(r.workload, r.batch)]
@@ -533,8 +540,11 @@ def _targets_table():
             r = _find(name, 256, mode, "recjax")
             frac = ceiling_fraction(r) if r else None
             if frac is not None:
+                # against the run's fastest sample too: a bound a slow spell cannot raise
+                low = ceiling_fraction(r, run_fastest=True)
                 lines.append(f"| {mode} at batch 256 >= {goal:.0%} of FLOP ceiling | {name} "
-                             f"| {frac:.0%} | {'yes' if frac >= goal else 'no'} |")
+                             f"| {frac:.0%} ({low:.0%} of the run's fastest) "
+                             f"| {'yes' if frac >= goal else 'no'} |")
     for name in WORKLOADS:
         for batch, goal in ((256, 2.0), (32, 1.0)):
             r, t = _find(name, batch, "train", "recjax"), _find(name, batch, "train", "torch_levels")
