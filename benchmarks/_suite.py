@@ -416,6 +416,11 @@ def summary_markdown():
         lines.append(f"- Other processes used {SESSION['other_cpu_s']:.0f} CPU-seconds during this "
                      f"{SESSION['wall_s']:.0f} s run ({SESSION['other_cpu_s'] / SESSION['wall_s']:.2f} "
                      f"of {f.get('cpus')} CPUs on average).")
+    if "steal_s" in SESSION:
+        lines.append(f"- The hypervisor held this machine's CPUs back (steal time) for "
+                     f"{SESSION['steal_s']:.0f} CPU-seconds ({SESSION['steal_s'] / SESSION['wall_s']:.2f} of "
+                     f"{f.get('cpus')} CPUs on average): the host's other guests, a cause of drift "
+                     "that no process here can see.")
     tunables = f.get("glibc_tunables")
     lines.append(f"- Memory: `GLIBC_TUNABLES={tunables}`" if tunables else "- Memory: `GLIBC_TUNABLES` unset")
     if f.get("ld_preload"):
@@ -542,8 +547,9 @@ def _targets_table():
             if frac is not None:
                 # against the run's fastest sample too: a bound a slow spell cannot raise
                 low = ceiling_fraction(r, run_fastest=True)
+                steal = f"; steal {r.info['steal']:.0%}" if "steal" in r.info else ""
                 lines.append(f"| {mode} at batch 256 >= {goal:.0%} of FLOP ceiling | {name} "
-                             f"| {frac:.0%} ({low:.0%} of the run's fastest) "
+                             f"| {frac:.0%} ({low:.0%} of the run's fastest{steal}) "
                              f"| {'yes' if frac >= goal else 'no'} |")
     for name in WORKLOADS:
         for batch, goal in ((256, 2.0), (32, 1.0)):

@@ -65,19 +65,24 @@ def matmul_flops_per_s(k, n, m=1024, seed=0):
     return 2 * m * k * n / matmul_seconds(m, k, n, np.random.default_rng(seed))
 
 
-def cpu_seconds():
+def cpu_seconds(steal: bool = False):
     """(CPU seconds used by the whole machine, by this process), to see other load.
 
-    Reads /proc/stat (Linux); the machine total is None elsewhere.
+    Reads /proc/stat (Linux); the machine total is None elsewhere. The machine total
+    includes steal time; with ``steal`` a third value is that alone: seconds the virtual
+    CPUs were ready to run while the hypervisor ran something else (a noisy host).
     """
     own = sum(os.times()[:2])
     try:
         with open("/proc/stat") as f:
             fields = [int(x) for x in f.readline().split()[1:]]
     except OSError:
-        return None, own
-    busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
-    return busy / os.sysconf("SC_CLK_TCK"), own
+        return (None, own, None) if steal else (None, own)
+    tick = os.sysconf("SC_CLK_TCK")
+    busy = (sum(fields) - fields[3] - fields[4]) / tick  # all but idle and iowait
+    if steal:
+        return busy, own, (fields[7] / tick if len(fields) > 7 else None)
+    return busy, own
 
 
 def minor_faults():

@@ -35,7 +35,7 @@ def pytest_addoption(parser):
 
 def pytest_sessionstart(session):
     _suite.SESSION["facts"] = _suite.session_facts()
-    _suite.SESSION["cpu_start"] = cpu_seconds()
+    _suite.SESSION["cpu_start"] = cpu_seconds(steal=True)
     _suite.SESSION["wall_start"] = time.perf_counter()
 
 
@@ -45,11 +45,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     # The ceiling's second sample, at the end of the run, for every model that was timed.
     for shape in {WORKLOADS[r.workload].model.ceiling_shape for r in _suite.RESULTS if r.seconds}:
         _suite.CEILINGS.setdefault(shape, []).append(matmul_flops_per_s(*shape))
-    (machine0, own0), (machine1, own1) = _suite.SESSION["cpu_start"], cpu_seconds()
+    (machine0, own0, steal0), (machine1, own1, steal1) = _suite.SESSION["cpu_start"], cpu_seconds(steal=True)
     wall = time.perf_counter() - _suite.SESSION["wall_start"]
     _suite.SESSION["wall_s"] = wall
     if machine0 is not None:
-        _suite.SESSION["other_cpu_s"] = max(0.0, (machine1 - machine0) - (own1 - own0))
+        steal = steal1 - steal0 if steal0 is not None else 0.0
+        _suite.SESSION["other_cpu_s"] = max(0.0, (machine1 - machine0) - (own1 - own0) - steal)
+        if steal0 is not None:
+            _suite.SESSION["steal_s"] = steal
 
     text = _suite.summary_markdown()
     terminalreporter.write_sep("=", "recjax benchmark summary (markdown)")

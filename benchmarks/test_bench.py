@@ -26,6 +26,9 @@ printed at the end of the session by ``conftest.py``. See benchmarks/README.md.
 
 from __future__ import annotations
 
+import os
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,7 +38,7 @@ from recjax import _planner
 
 import _suite
 from _suite import MODES, SYSTEMS, batches
-from _timing import matmul_flops_per_s, median_seconds, minor_faults, timed
+from _timing import cpu_seconds, matmul_flops_per_s, median_seconds, minor_faults, timed
 from _workloads import WORKLOADS, Levels
 
 CEILING_SHAPES = sorted({w.model.ceiling_shape for w in WORKLOADS.values() if batches(w)})
@@ -113,10 +116,13 @@ def test_throughput(benchmark, workload, batch, mode, system):
     # 1.5x within a run, so its fraction of the ceiling uses the samples taken next to it.
     shape = case.model.ceiling_shape if system == "recjax" else None
     before = matmul_flops_per_s(*shape) if shape else None
-    faults = minor_faults()
+    faults, steal, start = minor_faults(), cpu_seconds(steal=True)[2], time.perf_counter()
     benchmark.pedantic(run.fn, rounds=rounds, warmup_rounds=warmup, iterations=1)
     if faults is not None:
         run.info["faults_per_call"] = (minor_faults() - faults) / (rounds + warmup)
+    if steal is not None:  # the share of the CPUs the hypervisor held back meanwhile
+        cpus = os.cpu_count() or 1
+        run.info["steal"] = (cpu_seconds(steal=True)[2] - steal) / ((time.perf_counter() - start) * cpus)
 
     result.nodes, result.seconds, result.info = run.nodes, _median(benchmark), dict(run.info)
     if shape:
