@@ -485,11 +485,13 @@ def _runs(level_size: np.ndarray, level_class: np.ndarray) -> dict:
     nodes)}``: widths never grow with height, so a class is one run of levels."""
     if not level_class.size:
         return {}
-    ends = np.cumsum(level_size).tolist()
-    change = (np.flatnonzero(level_class[1:] != level_class[:-1]) + 1).tolist()
+    change = np.flatnonzero(level_class[1:] != level_class[:-1]) + 1
+    bounds = np.concatenate(([0], change, [level_class.size]))
+    node_bounds = np.concatenate(([0], np.cumsum(level_size)))[bounds].tolist()
+    bounds, widths = bounds.tolist(), level_class[bounds[:-1]].tolist()
     return {
-        int(level_class[a]): (slice(a, b), slice(ends[a] - int(level_size[a]), ends[b - 1]))
-        for a, b in zip([0] + change, change + [level_class.size])
+        w: (slice(bounds[i], bounds[i + 1]), slice(node_bounds[i], node_bounds[i + 1]))
+        for i, w in enumerate(widths)
     }
 
 
