@@ -65,6 +65,36 @@ def matmul_flops_per_s(k, n, m=1024, seed=0):
     return 2 * m * k * n / matmul_seconds(m, k, n, np.random.default_rng(seed))
 
 
+def paired_ceiling_fractions(fn, flops, k, n, pairs, m=1024, seed=0, window_s=0.25):
+    """``fn``'s share of the matmul ceiling, call by call: one per pair, in call order.
+
+    A pair is one timed call of ``fn`` (which does ``flops`` of matrix products and
+    returns when its work is complete) followed at once by a sample of the ceiling: the
+    median of as many float32 ``[m, k] @ [k, n]`` calls as fit in about as long as ``fn``
+    took, at most ``window_s`` (3 to 64 calls). Each pair's fraction is ``fn``'s FLOP
+    rate over the rate of the sample next to it, so a slow spell of the machine (on the
+    development VM: steal bursts lasting seconds) slows both sides of a pair alike
+    instead of moving the ratio; take the median over the pairs.
+    """
+    rng = np.random.default_rng(seed)
+    a = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal((k, n)), jnp.float32)
+    mm = jax.jit(jnp.matmul).trace(a, b).lower().compile()
+    call = lambda: mm(a, b).block_until_ready()
+    for _ in range(3):
+        call()
+    mm_s = timed(call)[0]
+    fractions = []
+    for _ in range(pairs):
+        t0 = time.perf_counter()
+        fn()
+        fn_s = time.perf_counter() - t0
+        reps = int(np.clip(round(min(fn_s, window_s) / mm_s), 3, 64))
+        mm_s = statistics.median(timed(call)[0] for _ in range(reps))
+        fractions.append((flops / fn_s) / (2 * m * k * n / mm_s))
+    return fractions
+
+
 def cpu_seconds(steal: bool = False):
     """(CPU seconds used by the whole machine, by this process), to see other load.
 
