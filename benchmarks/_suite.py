@@ -578,9 +578,16 @@ def _targets_table():
             r, t = _find(name, batch, "train", "recjax"), _find(name, batch, "train", "torch_levels")
             if r and t and r.rate and t.rate:
                 ratio = r.rate / t.rate
+                measured = fmt_ratio(ratio)
+                pairs = t.info.get("paired_ratios")
+                if pairs:  # calls alternated in pairs: the reading that decides
+                    q1, q3 = np.quantile(pairs, [0.25, 0.75])
+                    measured = (f"{fmt_ratio(float(np.median(pairs)))} paired ({len(pairs)} pairs, "
+                                f"quartiles {fmt_ratio(q1)}-{fmt_ratio(q3)}; medians {measured})")
+                    ratio = float(np.median(pairs))
                 text = ">= 2x" if goal == 2.0 else "ahead of (> 1x)"
                 lines.append(f"| training at batch {batch} {text} torch levels | {name} "
-                             f"| {fmt_ratio(ratio)} | {'yes' if ratio > goal or (goal == 2.0 and ratio >= goal) else 'no'} |")
+                             f"| {measured} | {'yes' if ratio > goal or (goal == 2.0 and ratio >= goal) else 'no'} |")
     for (name, batch), pl in sorted(PLANS.items(), key=lambda kv: (list(WORKLOADS).index(kv[0][0]), kv[0][1])):
         if batch != max(b for (n, b) in PLANS if n == name):
             continue

@@ -48,6 +48,20 @@ CASES = [(name, b) for name, w in WORKLOADS.items() for b in batches(w)]
 THROUGHPUT = [(name, b, mode, system) for name, b in CASES for mode in MODES for system in SYSTEMS]
 PAIRED_BATCH = 256  # the batch of the ceiling targets: recjax is also timed in pairs there
 PAIRED_SECONDS = 12.0  # about how long those pairs take per case (7 to 25 pairs)
+PAIRED_TORCH_BATCHES = (32, 256)  # the torch targets' batches: training is timed in pairs there
+
+
+def _paired_speedups(recjax_fn, peer_fn, pairs):
+    """recjax's speed-up over a peer, call by call: the peer's seconds over recjax's, one
+    per pair of calls made back to back (which goes first alternates)."""
+    ratios = []
+    for i in range(pairs):
+        if i % 2:
+            peer_s, recjax_s = timed(peer_fn)[0], timed(recjax_fn)[0]
+        else:
+            recjax_s, peer_s = timed(recjax_fn)[0], timed(peer_fn)[0]
+        ratios.append(peer_s / recjax_s)
+    return ratios
 
 
 def _median(benchmark):
@@ -136,6 +150,11 @@ def test_throughput(benchmark, workload, batch, mode, system):
             pairs = int(np.clip(PAIRED_SECONDS / (2 * result.seconds), 7, 25))
             fractions = paired_ceiling_fractions(run.fn, _suite.cell_flops(workload, batch, mode), *shape, pairs)
             run.info["paired_fractions"] = result.info["paired_fractions"] = fractions
+    if system == "torch_levels" and mode == "train" and batch in PAIRED_TORCH_BATCHES and result.seconds:
+        # The torch targets' reading: recjax and torch levels alternated call by call.
+        rj_fn = case.runner("recjax", mode).fn
+        pairs = int(np.clip(PAIRED_SECONDS / (2 * result.seconds), 7, 25))
+        run.info["paired_ratios"] = result.info["paired_ratios"] = _paired_speedups(rj_fn, run.fn, pairs)
     info = {"nodes": run.nodes, **run.info}
     if result.rate:
         info["nodes_per_s"] = result.rate
@@ -148,4 +167,6 @@ def test_throughput(benchmark, workload, batch, mode, system):
                 info["paired_ceiling_fraction"] = _suite.paired_fraction(result)
         elif ref is not None and ref.rate:
             info["recjax_ratio"] = ref.rate / result.rate
+        if "paired_ratios" in result.info:
+            info["paired_recjax_ratio"] = float(np.median(result.info["paired_ratios"]))
     benchmark.extra_info.update(info)
