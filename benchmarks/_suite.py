@@ -437,6 +437,9 @@ def summary_markdown():
         lines[-1] += f", `LD_PRELOAD={f['ld_preload']}` `MALLOC_CONF={f.get('malloc_conf', '')}`"
     lines[-1] += (f", transparent huge pages `{f.get('thp')}` (see \"Page faults\" in "
                   "benchmarks/README.md; faults per call are in the last table).")
+    xla_flags = f.get("xla_flags")
+    lines.append(f"- XLA: `XLA_FLAGS={xla_flags}` (every JAX program: recjax, the JAX peers and the "
+                 "ceiling)." if xla_flags else "- XLA: `XLA_FLAGS` unset.")
     lines.append("- nodes/s = real nodes / median seconds per call. In parentheses: recjax's rate "
                  "divided by the peer's (above 1x: recjax is faster). Per-node peers run on the "
                  "first trees of the batch (column `trees`).")

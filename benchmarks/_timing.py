@@ -129,7 +129,8 @@ def minor_faults():
 
 def malloc_facts():
     """How large allocations get their pages: glibc tunables, transparent huge pages, and
-    a preloaded allocator (``LD_PRELOAD``, jemalloc's ``MALLOC_CONF``)."""
+    a preloaded allocator (``LD_PRELOAD``, jemalloc's ``MALLOC_CONF``); and ``XLA_FLAGS``,
+    which can choose XLA:CPU's matrix-multiply library (see benchmarks/README.md)."""
     thp = "?"
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
@@ -141,6 +142,7 @@ def malloc_facts():
         "thp": thp,
         "ld_preload": os.environ.get("LD_PRELOAD", ""),
         "malloc_conf": os.environ.get("MALLOC_CONF", ""),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
 
 
