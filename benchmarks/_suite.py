@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import recjax as rj
 
-from _timing import compile_aot, fmt_rate, fmt_ratio, malloc_facts, timed
+from _timing import compile_aot, environment_facts, fmt_rate, fmt_ratio, timed
 from _workloads import WORKLOADS, JaxLevels, JaxPerNode, Levels, count_nodes, root_loss
 
 SYSTEMS = ("recjax", "jax_per_node", "jax_levels", "torch_per_node", "torch_levels")
@@ -322,7 +322,7 @@ def session_facts():
         "cpus": os.cpu_count(),
         "cpu": _cpu_model(),
         "quick": QUICK,
-        **malloc_facts(),
+        **environment_facts(),
     }
     try:
         import torch

@@ -127,10 +127,11 @@ def minor_faults():
     return None if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def malloc_facts():
-    """How large allocations get their pages: glibc tunables, transparent huge pages, and
-    a preloaded allocator (``LD_PRELOAD``, jemalloc's ``MALLOC_CONF``); and ``XLA_FLAGS``,
-    which can choose XLA:CPU's matrix-multiply library (see benchmarks/README.md)."""
+def environment_facts():
+    """The process settings that move the suite's numbers: how large allocations get their
+    pages (glibc tunables, transparent huge pages, a preloaded allocator: ``LD_PRELOAD``,
+    jemalloc's ``MALLOC_CONF``) and ``XLA_FLAGS``, which can choose XLA:CPU's
+    matrix-multiply library (see benchmarks/README.md)."""
     thp = "?"
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
