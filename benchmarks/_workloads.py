@@ -40,22 +40,24 @@ MAX_LEAVES = 56
 
 # The cells are written once, for one node (vectors) or a batch of nodes (a leading row
 # axis): every split and concatenation is on the last axis. recjax, the per-node peer and
-# the level peer all call them.
+# the level peer all call them, with recjax.nn's sigmoid and tanh (the library's models
+# use them: their backward keeps only the output, as PyTorch's does), so every JAX form
+# differentiates the same arithmetic.
 
 
 def leaf_cell(p, token):
     """Binary Tree-LSTM leaf: ``(h, c)`` from the token's embedding."""
     x = p["emb"][token]
     i, o, u = jnp.split(x @ p["W"] + p["b"], 3, axis=-1)
-    c = jax.nn.sigmoid(i) * jnp.tanh(u)
-    return jax.nn.sigmoid(o) * jnp.tanh(c), c
+    c = nn.sigmoid(i) * nn.tanh(u)
+    return nn.sigmoid(o) * nn.tanh(c), c
 
 
 def internal_cell(p, hl, cl, hr, cr):
     """Binary Tree-LSTM internal node: ``(h, c)`` from the two children's states."""
     i, fl, fr, o, u = jnp.split(jnp.concatenate([hl, hr], axis=-1) @ p["U"] + p["bu"], 5, axis=-1)
-    c = jax.nn.sigmoid(i) * jnp.tanh(u) + jax.nn.sigmoid(fl) * cl + jax.nn.sigmoid(fr) * cr
-    return jax.nn.sigmoid(o) * jnp.tanh(c), c
+    c = nn.sigmoid(i) * nn.tanh(u) + nn.sigmoid(fl) * cl + nn.sigmoid(fr) * cr
+    return nn.sigmoid(o) * nn.tanh(c), c
 
 
 @rj.recursive
@@ -250,12 +252,12 @@ def _fc_leaf(p, tokens):
 
 def _fc_node(p, token, kids):
     (hl,), (hr,) = kids
-    return (jnp.tanh(jnp.concatenate([hl, hr]) @ p["W"] + p["b"]),)
+    return (nn.tanh(jnp.concatenate([hl, hr]) @ p["W"] + p["b"]),)
 
 
 def _fc_level(p, tokens, kids, parent, n):
     (h,) = kids  # [2n, H], left then right child of each node: one row is [hl, hr]
-    return (jnp.tanh(h.reshape(n, -1) @ p["W"] + p["b"]),)
+    return (nn.tanh(h.reshape(n, -1) @ p["W"] + p["b"]),)
 
 
 def tree_fc_model(hidden):
@@ -279,8 +281,8 @@ def _cs_leaf(p, tokens):
     # A leaf's child sums are zero: h_sum @ U and the forget terms vanish.
     x = p["emb"][tokens]
     i, o, u = jnp.split(x @ p["W"] + p["b"], 3, axis=-1)
-    c = jax.nn.sigmoid(i) * jnp.tanh(u)
-    return jax.nn.sigmoid(o) * jnp.tanh(c), c
+    c = nn.sigmoid(i) * nn.tanh(u)
+    return nn.sigmoid(o) * nn.tanh(c), c
 
 
 def _cs_node(p, token, kids):
@@ -288,9 +290,9 @@ def _cs_node(p, token, kids):
     h = jnp.stack([k[0] for k in kids])
     c = jnp.stack([k[1] for k in kids])
     i, o, u = jnp.split(x @ p["W"] + h.sum(0) @ p["U"] + p["b"], 3)
-    f = jax.nn.sigmoid(x @ p["W_f"] + h @ p["U_f"] + p["b_f"])
-    c_new = jax.nn.sigmoid(i) * jnp.tanh(u) + (f * c).sum(0)
-    return jax.nn.sigmoid(o) * jnp.tanh(c_new), c_new
+    f = nn.sigmoid(x @ p["W_f"] + h @ p["U_f"] + p["b_f"])
+    c_new = nn.sigmoid(i) * nn.tanh(u) + (f * c).sum(0)
+    return nn.sigmoid(o) * nn.tanh(c_new), c_new
 
 
 def _cs_level(p, tokens, kids, parent, n):
@@ -299,9 +301,9 @@ def _cs_level(p, tokens, kids, parent, n):
     h_sum = jax.ops.segment_sum(h, parent, num_segments=n)
     i, o, u = jnp.split(x @ p["W"] + h_sum @ p["U"] + p["b"], 3, axis=-1)
     # x @ W_f once per node, gathered per edge (not once per edge)
-    f = jax.nn.sigmoid((x @ p["W_f"])[parent] + h @ p["U_f"] + p["b_f"])
-    c_new = jax.nn.sigmoid(i) * jnp.tanh(u) + jax.ops.segment_sum(f * c, parent, num_segments=n)
-    return jax.nn.sigmoid(o) * jnp.tanh(c_new), c_new
+    f = nn.sigmoid((x @ p["W_f"])[parent] + h @ p["U_f"] + p["b_f"])
+    c_new = nn.sigmoid(i) * nn.tanh(u) + jax.ops.segment_sum(f * c, parent, num_segments=n)
+    return nn.sigmoid(o) * nn.tanh(c_new), c_new
 
 
 def child_sum_model(embed, hidden):

@@ -56,6 +56,8 @@ __all__ = [
     "init_tree_lstm",
     "init_tree_rnn",
     "rntn",
+    "sigmoid",
+    "tanh",
     "tree_fc",
     "tree_gru",
     "tree_lstm",
@@ -117,6 +119,83 @@ def _binary_children(name, node, fn):
     return [fn(ch) for ch in node.children]
 
 
+# ---------------------------------------------------------------------- activations
+
+
+@jax.custom_jvp
+def sigmoid(x):
+    """``jax.nn.sigmoid`` whose derivative keeps only the output for the backward pass.
+
+    Same values as ``jax.nn.sigmoid`` and the same derivative, ``y * (1 - y)``, but
+    reverse mode saves one array per call, the output ``y``, and recomputes the slope
+    from it in the backward pass. ``jax.nn.sigmoid`` saves the slope as a second array
+    beside ``y`` (which a gate's product with another value keeps anyway). Inside a
+    ``lax.scan``, such as recjax's level loop, every saved array is stacked over the
+    steps: for the Tree-LSTMs this halves the gates' saved arrays, and training steps
+    that outgrow the CPU's cache gain most (``benchmarks/RESULTS.md``). Every model of
+    this module uses it; use it in your own cells the same way. Forward mode, ``vmap``
+    and higher derivatives work as with ``jax.nn.sigmoid``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from recjax import nn
+      >>> x = jnp.array([-2.0, 0.0, 3.0])
+      >>> bool(jnp.allclose(nn.sigmoid(x), jax.nn.sigmoid(x)))
+      True
+      >>> slope = jax.grad(lambda x: nn.sigmoid(x).sum())(x)
+      >>> bool(jnp.allclose(slope, jax.grad(lambda x: jax.nn.sigmoid(x).sum())(x)))
+      True
+    """
+    return jax.nn.sigmoid(x)
+
+
+@jax.custom_jvp
+def tanh(x):
+    """``jnp.tanh`` whose derivative keeps only the output for the backward pass.
+
+    Same values and derivative, ``(1 - y) * (1 + y)``, as ``jnp.tanh``, whose reverse
+    mode saves both ``y`` and ``1 - y``; this one saves ``y`` alone and recomputes the
+    slope in the backward pass (see ``sigmoid`` for why that matters in a scan). Every
+    model of this module uses it.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from recjax import nn
+      >>> x = jnp.array([-2.0, 0.0, 3.0])
+      >>> bool(jnp.allclose(nn.tanh(x), jnp.tanh(x)))
+      True
+      >>> slope = jax.grad(lambda x: nn.tanh(x).sum())(x)
+      >>> bool(jnp.allclose(slope, jax.grad(lambda x: jnp.tanh(x).sum())(x)))
+      True
+    """
+    return jnp.tanh(x)
+
+
+def _times_slope(g, y, slope):
+    """``g * slope(y)``, where reverse mode saves ``y`` and recomputes ``slope(y)``.
+
+    Partial evaluation would save ``slope(y)`` (it depends on the primal only) as well
+    as ``y``; under ``jax.checkpoint`` with nothing saveable it keeps the checkpoint's
+    inputs, ``y``, and the backward pass recomputes the slope.
+    """
+    scaled = jax.checkpoint(lambda g, y: g * slope(y), policy=jax.checkpoint_policies.nothing_saveable)
+    return scaled(g, y)
+
+
+@sigmoid.defjvp
+def _sigmoid_jvp(primals, tangents):
+    (x,), (g,) = primals, tangents
+    y = sigmoid(x)
+    return y, _times_slope(g, y, lambda y: y * (1 - y))
+
+
+@tanh.defjvp
+def _tanh_jvp(primals, tangents):
+    (x,), (g,) = primals, tangents
+    y = tanh(x)
+    return y, _times_slope(g, y, lambda y: (1 - y) * (1 + y))
+
+
 # ---------------------------------------------------------------------- tree RNN
 
 
@@ -151,9 +230,9 @@ def tree_rnn(p, node):
       (3, 2)
     """
     if node.is_leaf:
-        return jnp.tanh(p["emb"][node.data["token"]] @ p["W_e"] + p["b_e"])
+        return tanh(p["emb"][node.data["token"]] @ p["W_e"] + p["b_e"])
     h_l, h_r = _binary_children("tree_rnn", node, lambda c: tree_rnn(p, c))
-    return jnp.tanh(jnp.concatenate([h_l, h_r]) @ p["W"] + p["b"])
+    return tanh(jnp.concatenate([h_l, h_r]) @ p["W"] + p["b"])
 
 
 def init_tree_rnn(key, vocab, embed, hidden):
@@ -223,7 +302,7 @@ def rntn(p, node):
     a, b = _binary_children("rntn", node, lambda c: rntn(p, c))
     x = jnp.concatenate([a, b])
     bilinear = jnp.einsum("i,kij,j->k", x, p["V"], x)
-    return jnp.tanh(bilinear + x @ p["W"] + p["b"])
+    return tanh(bilinear + x @ p["W"] + p["b"])
 
 
 def init_rntn(key, vocab, hidden):
@@ -309,11 +388,11 @@ def tree_lstm(p, node):
     for l, (h_l, _) in enumerate(kids):
         g = g + h_l @ p["U"][l]
     i, o, u = g[:hidden], g[hidden : 2 * hidden], g[2 * hidden : 3 * hidden]
-    c = jax.nn.sigmoid(i) * jnp.tanh(u)
+    c = sigmoid(i) * tanh(u)
     for l, (_, c_l) in enumerate(kids):
         f_l = g[(3 + l) * hidden : (4 + l) * hidden]
-        c = c + jax.nn.sigmoid(f_l) * c_l
-    return jax.nn.sigmoid(o) * jnp.tanh(c), c
+        c = c + sigmoid(f_l) * c_l
+    return sigmoid(o) * tanh(c), c
 
 
 def init_tree_lstm(key, vocab, embed, hidden, arity=2):
@@ -390,10 +469,10 @@ def child_sum_tree_lstm(p, node):
 
     def forget(ch):  # closes over the node-level x: one forget gate per child
         h, c = child_sum_tree_lstm(p, ch)
-        return jax.nn.sigmoid(x @ p["W_f"] + h @ p["U_f"] + p["b_f"]) * c
+        return sigmoid(x @ p["W_f"] + h @ p["U_f"] + p["b_f"]) * c
 
-    c = jax.nn.sigmoid(i) * jnp.tanh(u) + node.children.map(forget).sum(initial=zeros)
-    return jax.nn.sigmoid(o) * jnp.tanh(c), c
+    c = sigmoid(i) * tanh(u) + node.children.map(forget).sum(initial=zeros)
+    return sigmoid(o) * tanh(c), c
 
 
 def init_child_sum_tree_lstm(key, vocab, embed, hidden):
@@ -472,8 +551,8 @@ def bidirectional_tree_lstm(p, node):
     else:
         h_prev, c_prev = bidirectional_tree_lstm(p, node.parent)
     i, f, o, u = jnp.split(h_up @ p["W"] + h_prev @ p["U"] + p["b"], 4)
-    c = jax.nn.sigmoid(i) * jnp.tanh(u) + jax.nn.sigmoid(f) * c_prev
-    return jax.nn.sigmoid(o) * jnp.tanh(c), c
+    c = sigmoid(i) * tanh(u) + sigmoid(f) * c_prev
+    return sigmoid(o) * tanh(c), c
 
 
 def init_bidirectional_tree_lstm(key, vocab, embed, hidden):
@@ -541,14 +620,14 @@ def tree_gru(p, node):
     x = p["emb"][node.data["token"]]
     zeros = jnp.zeros(p["U_h"].shape[0])
     h_sum = node.children.map(lambda ch: tree_gru(p, ch)).sum(initial=zeros)
-    z = jax.nn.sigmoid(x @ p["W_z"] + h_sum @ p["U_z"] + p["b_z"])
+    z = sigmoid(x @ p["W_z"] + h_sum @ p["U_z"] + p["b_z"])
 
     def reset(ch):  # closes over the node-level x: one reset gate per child
         h = tree_gru(p, ch)
-        return jax.nn.sigmoid(x @ p["W_r"] + h @ p["U_r"] + p["b_r"]) * h
+        return sigmoid(x @ p["W_r"] + h @ p["U_r"] + p["b_r"]) * h
 
     r_h = node.children.map(reset).sum(initial=zeros)
-    candidate = jnp.tanh(x @ p["W_h"] + r_h @ p["U_h"] + p["b_h"])
+    candidate = tanh(x @ p["W_h"] + r_h @ p["U_h"] + p["b_h"])
     return z * h_sum + (1 - z) * candidate
 
 
@@ -613,7 +692,7 @@ def tree_fc(p, node):
     if node.is_leaf:
         return p["emb"][node.data["token"]]
     h_l, h_r = _binary_children("tree_fc", node, lambda c: tree_fc(p, c))
-    return jnp.tanh(jnp.concatenate([h_l, h_r]) @ p["W"] + p["b"])
+    return tanh(jnp.concatenate([h_l, h_r]) @ p["W"] + p["b"])
 
 
 def init_tree_fc(key, vocab, hidden):
@@ -667,9 +746,9 @@ def dag_rnn(p, node):
     """
     x = p["emb"][node.data["token"]] @ p["W"] + p["b"]
     if node.is_leaf:
-        return jnp.tanh(x)
+        return tanh(x)
     m = node.children.map(lambda ch: dag_rnn(p, ch)).mean()
-    return jnp.tanh(x + m @ p["U"])
+    return tanh(x + m @ p["U"])
 
 
 def init_dag_rnn(key, vocab, embed, hidden):
@@ -737,7 +816,7 @@ def child_attention(p, node):
     x = p["emb"][node.data["token"]]
     pre = x @ p["W"] + p["b"]
     if node.is_leaf:  # a softmax over no children has no max: leaves are their own case
-        return jnp.tanh(pre)
+        return tanh(pre)
     q = (x @ p["W_q"]) * p["W_q"].shape[1] ** -0.5
 
     def score(ch):
@@ -750,7 +829,7 @@ def child_attention(p, node):
         return jnp.exp(score(ch) - m) / s * child_attention(p, ch)
 
     context = node.children.map(weighted).sum()
-    return jnp.tanh(pre + context @ p["U"])
+    return tanh(pre + context @ p["U"])
 
 
 def init_child_attention(key, vocab, embed, hidden, attention=None):

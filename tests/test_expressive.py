@@ -118,6 +118,38 @@ def test_leaves_in_blocks_match_eager(block, monkeypatch):
     np.testing.assert_allclose(g, ge, rtol=1e-4, atol=1e-6)
 
 
+def test_up_to_two_blocks_of_leaves_run_as_one_op(monkeypatch):
+    """At most ``2 * LEAF_BLOCK`` leaf rows run as one op (no leaf loop, no second
+    block): values and gradients still equal plain recursion's."""
+    from recjax import _executor
+
+    trees, forest = random_forest(7, num_trees=6, max_nodes=16)
+    rows = forest.plan.key.num_leaf_rows
+    w = jnp.array([0.9, -0.3, 0.7])
+
+    def program(block):
+        monkeypatch.setattr(_executor, "LEAF_BLOCK", block)
+
+        @rj.recursive  # defined per block: nothing was compiled with another block size
+        def up(w, node):
+            x = w[0] * node.data["x"]
+            if node.is_leaf:
+                return jnp.tanh(x + w[1])
+            return jnp.tanh(x + w[2] * node.children.map(lambda c: up(w, c)).sum())
+
+        # The leaf template's tanh, once per op that computes leaves (+ the phases' loops).
+        return up, str(jax.make_jaxpr(lambda w: up.batch(w, forest))(w)).count(" tanh ")
+
+    _, one_op = program(10 * rows)
+    _, in_blocks = program(rows // 3)
+    up, two_blocks = program((rows + 1) // 2)
+    assert in_blocks > one_op == two_blocks  # the count sees each block; one op here
+    np.testing.assert_allclose(up.batch(w, forest), stack(eager_rows(up, trees, w)), rtol=1e-5, atol=1e-6)
+    g = jax.jit(jax.grad(lambda w: jnp.sum(up.batch(w, forest) ** 2)))(w)
+    ge = jax.grad(lambda w: sum(r**2 for r in eager_rows(up, trees, w)))(w)
+    np.testing.assert_allclose(g, ge, rtol=1e-4, atol=1e-6)
+
+
 # ---------------------------------------------------------------------- bidirectional
 
 

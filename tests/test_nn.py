@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax import lax
+from jax.ad_checkpoint import print_saved_residuals
 from models import assert_trees_close, node_subtrees, random_binary_tree, random_tree
 
 import recjax as rj
@@ -390,3 +392,71 @@ def test_bidirectional_tree_lstm_matches_eager_at_every_node():
         return sum(jnp.sum(jnp.tanh(nn.bidirectional_tree_lstm(p, pos)[0])) for pos in positions)
 
     assert_trees_close(jax.jit(jax.grad(loss))(p), jax.grad(eager)(p), atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------- activations
+
+def _exact_slope_sigmoid(x):  # float64: sigmoid(x) * sigmoid(-x)
+    return np.exp(-np.logaddexp(0, -x) - np.logaddexp(0, x))
+
+
+def _exact_slope_tanh(x):
+    return 1 / np.cosh(x) ** 2
+
+
+ACTIVATIONS = [
+    (nn.sigmoid, jax.nn.sigmoid, _exact_slope_sigmoid),
+    (nn.tanh, jnp.tanh, _exact_slope_tanh),
+]
+# Saturated, steep and flat points alike: the slope is recomputed from the output, so
+# it must stay as accurate as JAX's where the output rounds to +-1 or 0.
+POINTS = jnp.concatenate([jnp.linspace(-40.0, 40.0, 161), jnp.array([-1e-3, 1e-3, 0.0])])
+
+
+@pytest.mark.parametrize("ours, theirs, exact", ACTIVATIONS, ids=["sigmoid", "tanh"])
+def test_activations_match_jax_in_every_mode(ours, theirs, exact):
+    np.testing.assert_array_equal(ours(POINTS), theirs(POINTS))
+    slope = lambda f: np.asarray(jax.vmap(jax.grad(f))(POINTS), np.float64)
+    truth = exact(np.asarray(POINTS, np.float64))
+    # float32 rounding of y near saturation: both forms are off by up to a few ulps of 1.
+    assert np.abs(slope(ours) - truth).max() <= np.abs(slope(theirs) - truth).max() + 1e-9
+    np.testing.assert_allclose(slope(ours), truth, rtol=1e-5, atol=1e-6)
+    tangent = jnp.cos(POINTS)
+    np.testing.assert_allclose(
+        jax.jvp(ours, (POINTS,), (tangent,))[1], jax.jvp(theirs, (POINTS,), (tangent,))[1],
+        rtol=1e-5, atol=1e-6,
+    )
+    curvature = lambda f: jax.vmap(jax.grad(jax.grad(f)))(POINTS)
+    np.testing.assert_allclose(curvature(ours), curvature(theirs), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("ours, theirs, _", ACTIVATIONS, ids=["sigmoid", "tanh"])
+def test_activations_save_only_their_output(ours, theirs, _, capsys):
+    """Reverse mode keeps one array per call (the output), where JAX's keeps two."""
+    w = jnp.arange(5.0)
+
+    def saved(f):
+        print_saved_residuals(lambda x, w: jnp.sum(f(x) * w), POINTS[:5], w)
+        lines = capsys.readouterr().out.strip().splitlines()
+        return [line for line in lines if "argument" not in line]  # w: needed by both
+
+    assert len(saved(theirs)) == 2
+    assert len(saved(ours)) == 1
+
+
+def test_a_scanned_cell_stacks_fewer_arrays():
+    """Inside a scan every saved array is stacked over the steps: the models' case."""
+
+    def cell(act_sig, act_tanh):
+        def run(w, xs):
+            def step(c, x):
+                c = act_sig(x @ w) * act_tanh(c) + c
+                return c, None
+
+            return jnp.sum(lax.scan(step, jnp.zeros(3), xs)[0])
+
+        return run
+
+    w, xs = jnp.eye(3), jnp.ones((7, 3))
+    size = lambda f: jax.jit(jax.grad(f)).lower(w, xs).compile().memory_analysis().temp_size_in_bytes
+    assert size(cell(nn.sigmoid, nn.tanh)) < size(cell(jax.nn.sigmoid, jnp.tanh))
