@@ -50,8 +50,9 @@ class RowTables(NamedTuple):
     """Per-buffer-row facts a template may read through its ``ctx``: ``[num_buffer_rows]``."""
 
     node: jax.Array  # node whose data the row reads
-    parent: jax.Array  # the parent's row; a root's own row; for padding a real root's row
-    index: jax.Array  # position among the parent's children (0 for roots and padding)
+    parent: jax.Array  # the parent's row; a root's own row; padding: its real row's
+    index: jax.Array  # position among the parent's children (0 for roots)
+    source: jax.Array  # the row whose inputs a top-down pass's non-root template reads
 
 
 def apply_template(template, dynamic, env, data, ctx, edges=None):
@@ -73,8 +74,8 @@ def row_tables(arrays: dict, key: PlanKey) -> RowTables:
     node = jnp.concatenate(
         [arrays["leaf_node"]] + [t["node"].reshape(-1) for t in arrays["phases"]]
     )
-    # Roots and padding: the row of the root of the row's data node (a real, already
-    # computed row of the same tree); a root's parent is itself.
+    # Roots: their own row; other rows get theirs from the edges below (padding rows
+    # then take the parent and index of the real row they copy).
     parent = arrays["row_of_node"][arrays["roots"][arrays["tree_of"][node]]]
     index = jnp.zeros(num_rows, jnp.int32)
     base = key.num_leaf_rows
@@ -82,22 +83,60 @@ def row_tables(arrays: dict, key: PlanKey) -> RowTables:
         steps = jnp.arange(phase.steps, dtype=jnp.int32)[:, None]
         seg = t["edge_segment"]
         owner = jnp.minimum(seg, phase.width - 1)
-        real = (seg < phase.width) & (jnp.take_along_axis(t["degree"], owner, 1) > 0)
+        # A slot is real when its row is its node's row (padding rows copy a real row's
+        # node and children: their slots must not claim the children).
+        own_row = base + steps * phase.width + owner
+        owner_node = jnp.take_along_axis(t["node"], owner, 1)
+        real = (seg < phase.width) & (arrays["row_of_node"][owner_node] == own_row)
         child = jnp.where(real, t["edge_child"], num_rows)  # out of range: dropped
-        position = jnp.arange(phase.edges, dtype=jnp.int32)[None, :] - jnp.take_along_axis(
-            t["edge_start"], owner, 1
-        )
+        position = edge_positions(t, phase.edges)
         parent = parent.at[child].set(base + steps * phase.width + owner, mode="drop")
         index = index.at[child].set(position, mode="drop")
         base += phase.steps * phase.width
-    return RowTables(node, parent, index)
+    # A padding row copies a real row (its node's): that row's parent and index too.
+    donor = arrays["row_of_node"][node]
+    parent, index = parent[donor], index[donor]
+    return RowTables(node, parent, index, _sources(parent, donor, key))
+
+
+def _sources(parent, donor, key: PlanKey):
+    """Where a top-down pass's non-root template reads its inputs, row by row.
+
+    That template runs on every row of a step (and on all leaf rows), roots and padding
+    included, whose results are then dropped; but a ``0 * inf`` in their backward would
+    still be NaN. So a root or padding row reads the inputs (data, parent, index, row)
+    of a real non-root row: one of its own step when there is one (its parent is a
+    later step, done before), else a child of a root (roots are in the buffer from the
+    start), for leaf rows any non-root leaf; a real non-root row reads its own.
+    """
+    rows = jnp.arange(key.num_buffer_rows, dtype=jnp.int32)
+    fit = (donor == rows) & (parent != rows)  # real (holds its node) and not a root
+    is_root_row = (donor == rows) & (parent == rows)
+    first_fit = lambda mask, where: jnp.where(mask.any(), where[jnp.argmax(mask)], -1)
+    inner = rows >= key.num_leaf_rows
+    any_child_of_root = first_fit(fit & inner & is_root_row[parent], rows)
+    any_leaf = first_fit(fit & ~inner, rows)
+    source = jnp.where(fit, rows, jnp.where(inner, any_child_of_root, any_leaf))
+    base = key.num_leaf_rows
+    for phase in key.phases:
+        size = phase.steps * phase.width
+        block = lambda a: lax.dynamic_slice_in_dim(a, base, size).reshape(phase.steps, phase.width)
+        ok = block(fit)  # [steps, width]
+        own = base + jnp.arange(phase.steps, dtype=jnp.int32) * phase.width + jnp.argmax(ok, 1)
+        step_donor = jnp.where(ok.any(1)[:, None], own[:, None], block(source))
+        replaced = jnp.where(ok, block(rows), step_donor)
+        source = lax.dynamic_update_slice_in_dim(source, replaced.reshape(-1), base, 0)
+        base += size
+    return jnp.where(source >= 0, source, rows)  # no donor anywhere: the row itself
 
 
 def edge_positions(tables: dict, num_edges: int) -> jax.Array:
-    """``[S, E]`` index of each edge slot's child among its row's children."""
-    owner = jnp.minimum(tables["edge_segment"], tables["degree"].shape[1] - 1)
-    start = jnp.take_along_axis(tables["edge_start"], owner, 1)
-    return jnp.arange(num_edges, dtype=jnp.int32)[None, :] - start
+    """``[S, E]`` index of each edge slot's child among its row's children: the slot's
+    distance from its row's first slot (segment ids ascend; a padding row's
+    ``edge_start`` points at the slots of the node it copies, not at its own)."""
+    seg = tables["edge_segment"]
+    first = jax.vmap(lambda s: jnp.searchsorted(s, s, side="left"))(seg).astype(jnp.int32)
+    return jnp.arange(num_edges, dtype=jnp.int32)[None, :] - first
 
 
 def run_up(fns: list[PassFn], dynamic, env: dict, arrays: dict, key: PlanKey, rows: RowTables | None):
@@ -225,20 +264,27 @@ def run_down(fns: list[PassFn], dynamic, env: dict, arrays: dict, key: PlanKey, 
         )
 
     def compute(state, rows_t, data_t, leaf):
-        ctx = _ctx(rows_t, rows)
+        # Roots and padding rows read a real non-root row's inputs (``RowTables.source``).
+        ctx = _ctx(rows.source[rows_t], rows)
         is_root = rows.parent[rows_t] == rows_t
         for f in fns:
             o = _select_leaf(f, (False,), dynamic, {**env, **state}, data_t, ctx, leaf)
-            kept = jax.tree.map(lambda r: r[rows_t], roots[f.fid])
+            # The roots' rows hold their values from the start: rewritten here without
+            # a tangent, so that the write still adds each row's tangent once.
+            kept = jax.tree.map(lambda r: lax.stop_gradient(r[rows_t]), roots[f.fid])
             o = jax.tree.map(lambda a, b: jnp.where(_rows_mask(is_root, a), b, a.astype(b.dtype)), o, kept)
             state = {**state, f.fid: _write_all(state[f.fid], o, rows_t[0])}
         return state
 
-    state = {f.fid: zeros(f) for f in fns}
+    # Every root's row holds its value from the start: a non-root row whose parent is a
+    # root reads it whichever step the root is in (see ``_sources``).
+    state = dict(roots)
+    source_node = rows.node[rows.source]
     base = key.num_buffer_rows
     for phase, tables in reversed(list(zip(key.phases, arrays["phases"]))):
         base -= phase.steps * phase.width
-        xs = (take(data, tables["node"]), jnp.arange(phase.steps, dtype=jnp.int32))
+        nodes = lax.dynamic_slice_in_dim(source_node, base, phase.steps * phase.width)
+        xs = (take(data, nodes.reshape(phase.steps, phase.width)), jnp.arange(phase.steps, dtype=jnp.int32))
 
         def step(state, x, base=base, width=phase.width):
             data_t, t = x
@@ -249,7 +295,7 @@ def run_down(fns: list[PassFn], dynamic, env: dict, arrays: dict, key: PlanKey, 
 
     def leaves(state, first, size):
         leaf_rows = first + jnp.arange(size, dtype=jnp.int32)
-        leaf_data = take(data, arrays["leaf_node"][leaf_rows])
+        leaf_data = take(data, source_node[leaf_rows])
         return compute(state, leaf_rows, leaf_data, jnp.ones(leaf_rows.shape, bool))
 
     return _in_blocks(leaves, state, 0, num_leaf_rows)
@@ -358,7 +404,7 @@ def _compute_up(templates: dict, dynamic, env, data, ctx, degree, start, edges: 
         slot = jnp.minimum(start[:, None] + j, num_edges - 1)
         # Rows of another arity run this template too (their result is discarded): their
         # missing children read the row's own first child, so nothing crosses between
-        # trees, even as a zero cotangent times a NaN. Padding rows read row 0.
+        # trees, even as a zero cotangent times a NaN. Padding rows copy a real row.
         own_first = edges.rows[start][:, None]
         kids = jnp.where(j < degree[:, None], edges.rows[slot], own_first)
         out_k = apply_template(template, dynamic, env, data, {**ctx, "children": kids})

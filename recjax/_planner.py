@@ -10,13 +10,18 @@ Buffer layout. The executor keeps one state buffer of ``PlanKey.num_buffer_rows`
   then, for each phase p in order,   ``steps`` blocks of ``width`` rows each; block t
                                      holds the nodes computed at step t of the phase
 
-Padding rows read the data of node 0 and, as children, buffer row 0 (a real leaf), so a
-cell evaluated on padding sees real values and its gradient there is finite: a padding
-row has degree 0 (fixed-arity templates read row 0 for every child) and owns one edge
-slot whose child is row 0 (so ``children.map`` reductions see one real child, never an
-empty sum that node-level code might divide by). Unused edge slots carry segment id
-``width`` so that segment ops drop them, and read the last row's first child (the row
-whose node-level values they borrow), so no value crosses from one tree to another.
+A padding row copies a real internal node of its step (the one with the fewest
+children): it reads that node's data, has its degree and its ``edge_start`` (so a
+fixed-arity template reads that node's children), and owns one edge slot holding the
+node's first child (so ``children.map`` reductions see a real child, never an empty sum
+that node-level code might divide by). A cell evaluated on padding then sees a real
+node's inputs: code that is finite at every real node is finite there, and so is its
+gradient (a padding row's cotangent is zero, but ``0 * inf`` would be NaN). A step
+without real rows copies a node whose children are leaves (see ``plan``); a padding leaf
+row reads a real leaf. A padding row is told from a real one by ``row_of_node[node] !=
+row``. Unused edge slots carry segment id ``width`` so that segment ops drop them, and
+read the last row's first child (the row whose node-level values they borrow), so no
+value crosses from one tree to another.
 """
 
 from __future__ import annotations
@@ -160,16 +165,19 @@ class PhaseTables:
     """Index tables of one phase; ``S`` steps, ``K`` rows and ``KE`` edge slots per step.
 
     Attributes:
-      node: ``[S, K]`` node whose data each row reads (node 0 for padding rows).
-      degree: ``[S, K]`` number of children of each row (0 for padding rows).
-      edge_start: ``[S, K]`` offset of each row's first child in the step's edge block;
-        row r's children are edge slots ``edge_start[r] .. edge_start[r] + degree[r] - 1``.
-      edge_child: ``[S, KE]`` buffer row of the child on each edge slot (row 0 for a
-        padding row's slot; the last row's first child for unused slots).
-      edge_segment: ``[S, KE]`` row (0..K-1) that owns each edge slot; ``K`` for unused
-        slots. A padding row owns one slot (child row 0) and has degree 0.
+      node: ``[S, K]`` node whose data each row reads (for a padding row, the real node
+        it copies; node 0 in a forest without internal nodes).
+      degree: ``[S, K]`` number of children of each row (a padding row: its node's).
+      edge_start: ``[S, K]`` slot of each row's first child in the step's edge block;
+        row r's children are slots ``edge_start[r] .. edge_start[r] + degree[r] - 1``
+        (a padding row: its node's, which it reads but does not own; 0 in a step
+        without real rows, whose slots hold that node's children in turn).
+      edge_child: ``[S, KE]`` buffer row of the child on each edge slot (a padding row's
+        slot: its node's first child; the last row's first child for unused slots).
+      edge_segment: ``[S, KE]`` row (0..K-1) that owns each edge slot, ascending; ``K``
+        for unused slots. A padding row owns one slot, after the real ones.
       step_kind: ``[S]`` index into ``PlanKey.kinds`` of the kind every row of the step
-        has (0 without kinds, and for padding steps).
+        has (0 without kinds); a step without real rows has its copied node's kind.
     """
 
     node: np.ndarray
@@ -384,6 +392,14 @@ def _describe_cycle(child_ptr, child_idx, height) -> str:
         "descendant. A forest must be acyclic (a tree or a DAG); check the parent or "
         "children arrays."
     )
+
+
+def _spare_donor(height, degree) -> int:
+    """The node padding rows copy in steps without real rows: a node of height 1 (its
+    children are leaves, computed before every step) with the fewest children; -1 if
+    the forest has no internal node. Its kind becomes the padding step's kind."""
+    low = np.flatnonzero(height == 1)
+    return int(low[np.argmin(degree[low])]) if low.size else -1
 
 
 def _leaf_blocks(leaves, kind, row_of_node, at_least):
@@ -837,6 +853,7 @@ def plan(
 
     # Second pass: the tables (children's rows are known now). Nodes are in slot order,
     # so a step's nodes are contiguous, take its first rows, and own its first edge slots.
+    spare = _spare_donor(height, degree)
     phase_keys, tables = [], []
     for width, steps, nodes, slot in phases:
         step = slot // width
@@ -847,22 +864,37 @@ def plan(
         edge_bound = np.concatenate(([0], edge_end))
         step_edge_first = edge_bound[node_end - real_rows]
         real_edges = edge_bound[node_end] - step_edge_first
-        # Every padding row owns one edge slot, after the step's real edges, whose child
-        # is row 0 (a real leaf): reductions over its children then see a real value.
+        # Padding rows copy a donor: the step's real row with the fewest children (so its
+        # kind too). They read its data and, in fixed-arity templates, its children (from
+        # its slots), and each owns one slot after the real edges holding its first child
+        # (a map reduction sees a real child, never an empty sum). A step without real
+        # rows copies a node whose children are leaves (the step gets its kind): row r
+        # owns slot r, holding the node's child r % degree, and every row reads the
+        # node's children from slot 0 on. Without any internal node: node 0, degree 0,
+        # one slot holding row 0.
+        donor = np.full(steps, spare, dtype=np.int64)
+        donor_start = np.zeros(steps, dtype=np.int64)
+        if nodes.size:
+            first = np.lexsort((deg, step))  # by step, then by degree
+            head = first[np.r_[True, step[first][1:] != step[first][:-1]]]
+            donor[step[head]] = nodes[head]
+            donor_start[step[head]] = edge_end[head] - deg[head] - step_edge_first[step[head]]
+        donor_deg = np.where(donor >= 0, degree[np.maximum(donor, 0)], 0)
         pad_rows = width - real_rows
         num_edges = fine_ladder(int((real_edges + pad_rows).max()))
         num_edges = max(num_edges, floor[width].edges if width in floor else 0, 1)
         phase_keys.append(PhaseKey(width, steps, num_edges))
         step_kind = np.zeros(steps, dtype=np.int32)
         if kinds:
-            step_kind[step] = np.searchsorted(kinds, kind[nodes])
+            has_donor = donor >= 0
+            step_kind[has_donor] = np.searchsorted(kinds, kind[donor[has_donor]])
 
-        node_t = np.zeros(steps * width, dtype=np.int32)
-        degree_t = np.zeros(steps * width, dtype=np.int32)
+        node_t = np.repeat(np.maximum(donor, 0), width).astype(np.int32)
+        degree_t = np.repeat(donor_deg, width).astype(np.int32)
         node_t[slot] = nodes
         degree_t[slot] = deg
-        # a padding row's slot: after the real edges, one per padding row in row order
-        start_t = (real_edges - real_rows)[:, None] + np.arange(width)
+        own_slot = (real_edges - real_rows)[:, None] + np.arange(width)  # a padding row's slot
+        start_t = np.where((donor_deg > 0)[:, None], donor_start[:, None], own_slot)
         start_t.reshape(-1)[slot] = edge_end - deg - step_edge_first[step]
 
         # Real edges, flat in [steps, num_edges]: edge e of the phase (node order) goes
@@ -874,13 +906,20 @@ def plan(
         edge_src = np.arange(edge_slot.size, dtype=np.int64) + np.repeat(child_ptr[nodes] - first_edge, deg)
         edge_child = np.zeros(steps * num_edges, dtype=np.int64)
         edge_child[edge_slot] = row_of_node[child_idx[edge_src]]
-        edge_child = edge_child.reshape(steps, num_edges)
         edge_seg = np.full(steps * num_edges, width, dtype=np.int64)
         edge_seg[edge_slot] = np.repeat(slot - step * width, deg)
+        # Padding slots: one per padding row, holding the donor's first child (child
+        # r % degree in a step without real rows; row 0 without a donor).
+        pad_step = np.repeat(np.arange(steps), pad_rows)
+        pad_row = concat_ranges(real_rows, pad_rows)  # the padding rows' local indices
+        pad_slot = pad_step * num_edges + own_slot[pad_step, pad_row]
+        edge_seg[pad_slot] = pad_row
+        with_donor = donor_deg[pad_step] > 0
+        which = np.where(real_rows[pad_step] > 0, 0, pad_row % np.maximum(donor_deg[pad_step], 1))
+        src = child_ptr[donor[pad_step][with_donor]] + which[with_donor]
+        edge_child[pad_slot[with_donor]] = row_of_node[child_idx[src]]
+        edge_child = edge_child.reshape(steps, num_edges)
         edge_seg = edge_seg.reshape(steps, num_edges)
-        pad_local = np.arange(num_edges) - (real_edges - real_rows)[:, None]  # its row
-        is_pad = (pad_local >= real_rows[:, None]) & (pad_local < width)
-        edge_seg = np.where(is_pad, pad_local, edge_seg)  # edge_child stays 0
         # Unused slots borrow the last row's node-level values in map reductions (their
         # results are dropped); they read that row's own first child too, so a NaN in one
         # tree can only reach rows of that tree, even through zero cotangents.

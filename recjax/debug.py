@@ -216,7 +216,9 @@ def _plan_parts(forest: Forest):
     leaf_real = np.arange(key.num_leaf_rows) < num_leaves
     parts = [("leaves", (0, 0), None, None, key.num_leaf_rows, num_leaves, leaf_real)]
     for i, (pk, tables) in enumerate(zip(key.phases, plan.phases), 1):
-        real = np.asarray(tables.degree) > 0  # [steps, width]; padding rows have no children
+        rows = key.num_leaf_rows + sum(q.steps * q.width for q in key.phases[: i - 1])
+        block = rows + np.arange(pk.steps * pk.width).reshape(pk.steps, pk.width)
+        real = np.asarray(plan.row_of_node)[np.asarray(tables.node)] == block  # [steps, width]
         nodes = np.asarray(tables.node)[real]
         levels = (int(height[nodes].min()), int(height[nodes].max())) if nodes.size else None
         parts.append((f"phase {i}", levels, pk.width, pk.steps, pk.width * pk.steps,

@@ -243,7 +243,7 @@ def attention_cell(form):
 
 # In `map` phases a padding row used to have no children, so .sum()/.max() gave 0 there
 # (which no real internal node sees) and a cell that divides by the sum or takes its log
-# made 0 * inf = nan gradients. The planner now gives every padding row one edge (row 0).
+# made 0 * inf = nan gradients. A padding row now owns copies of a real node's edges.
 @pytest.mark.parametrize("form", ["normalise_after", "normalise_inside", "log_sum_exp", "guarded"])
 def test_masked_softmax_over_children_has_finite_gradients(form):
     f = attention_cell(form)
@@ -266,6 +266,93 @@ def test_masked_softmax_over_children_has_finite_gradients(form):
         g_eager = jax.grad(lambda p: jnp.sum(f(p, trees[0])))(p)
         for k in p:
             np.testing.assert_allclose(g[k], g_eager[k], rtol=1e-4, atol=1e-6)
+
+
+# Padding rows (and a top-down pass's roots) run a template whose result is dropped; a
+# 0 * inf in their backward is still NaN. They used to read node 0's data and buffer row
+# 0 as every child: code valid at every real internal node could divide by a leaf's
+# field or a leaf's state there. Now a padding row copies a real node of its step (its
+# data and children) and a root or padding row of a top-down pass reads a real non-root
+# row's inputs. Each case below gave NaN gradients before.
+
+
+def _grads_match(batched_loss, eager_loss, p):
+    got, want = jax.grad(batched_loss)(p), jax.grad(eager_loss)(p)
+    assert np.isfinite(np.asarray(got)).all(), got
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_padding_rows_read_a_real_internal_node_of_their_step():
+    @rj.recursive
+    def avg(p, node):  # n_leaves > 0 at every internal node, 0 at leaves
+        if node.is_leaf:
+            return jnp.tanh(node.data["x"] * p)
+        total = node.children.map(lambda c: avg(p, c) * node.data["x"]).sum()
+        return total / node.data["n_leaves"]
+
+    parent = np.array([2, 2, -1, 2, 5, -1, 5])  # node 0 is a leaf
+    x = np.array([0.3, -0.2, 1.0, 0.7, 0.1, 2.0, 0.4], np.float32)
+    n_leaves = np.array([0, 0, 3, 0, 0, 2, 0], np.float32)
+    forest = rj.Forest.from_parents(parent, {"x": x, "n_leaves": n_leaves})
+    leaf = lambda i: rj.Tree({"x": x[i], "n_leaves": n_leaves[i]})  # noqa: E731
+    trees = [rj.Tree({"x": x[2], "n_leaves": n_leaves[2]}, [leaf(0), leaf(1), leaf(3)]),
+             rj.Tree({"x": x[5], "n_leaves": n_leaves[5]}, [leaf(4), leaf(6)])]
+    p = jnp.float32(0.8)
+    np.testing.assert_allclose(avg.roots(p, forest), [avg(p, t) for t in trees], rtol=1e-6)
+    _grads_match(lambda p: jnp.sum(avg.roots(p, forest)), lambda p: sum(avg(p, t) for t in trees), p)
+
+
+@pytest.mark.parametrize("kinds", [False, True])
+def test_padding_rows_read_the_children_of_a_real_node(kinds):
+    # a / b is finite at every real node; the forest's first leaf is 0
+    @rj.recursive
+    def calc(p, node):
+        if node.is_leaf:
+            return node.data * p
+        a, b = [calc(p, c) for c in node.children]
+        return a / b if (node.kind == "Div" if kinds else True) else a + b
+
+    num = lambda v: rj.Tree(np.float32(v), kind="Num" if kinds else None)  # noqa: E731
+    op = lambda k, *c: rj.Tree(np.float32(0), c, kind=k if kinds else None)  # noqa: E731
+    expr = op("Add", num(0), op("Div", num(0), num(2))) if kinds else op("Div", num(0), num(2))
+    trees = [num(0), expr] if not kinds else [expr]
+    vocab = ["Num", "Add", "Div"] if kinds else None
+    forest = rj.Forest.from_trees(trees, kinds=vocab)
+    p = jnp.float32(1.5)
+    np.testing.assert_allclose(calc.roots(p, forest), [calc(p, t) for t in trees], rtol=1e-6)
+    _grads_match(lambda p: jnp.sum(calc.roots(p, forest)), lambda p: sum(calc(p, t) for t in trees), p)
+    # padded together with a taller forest: whole padding steps copy a node of height 1
+    tall = rj.Forest.from_trees([op("Div", expr, op("Div", expr, num(4)))], kinds=vocab)
+    small = rj.Forest.pad_all([forest, tall])[0]
+    assert small.plan.num_steps > forest.plan.num_steps
+    mask = small.root_mask
+    _grads_match(lambda p: jnp.sum(jnp.where(mask, calc.roots(p, small), 0.0)),
+                 lambda p: sum(calc(p, t) for t in trees), p)
+
+
+def test_top_down_roots_and_padding_read_a_real_non_root_row():
+    @rj.recursive
+    def down(p, node):  # non-root code divides by data, which is 0 at every root
+        if node.is_root:
+            return p * 1.0
+        return down(p, node.parent) / (node.data * p)
+
+    rng = np.random.default_rng(0)
+
+    def tree(depth):
+        kids = [tree(depth - 1) for _ in range(int(rng.integers(1, 4)))] if depth and rng.random() > 0.3 else []
+        return rj.Tree(np.float32(rng.uniform(1, 2)), kids)
+
+    trees = [rj.Tree(np.float32(0), [tree(int(rng.integers(0, 5)))]) for _ in range(12)]
+    forest = rj.Forest.from_trees(trees)
+    p = jnp.float32(0.7)
+    eager = lambda p: jnp.stack([down(p, n) for t in trees for n in t.walk()])  # noqa: E731
+    np.testing.assert_allclose(down.batch(p, forest), eager(p), rtol=1e-5)
+    _grads_match(lambda p: jnp.sum(down.batch(p, forest)), lambda p: jnp.sum(eager(p)), p)
+    padded = forest.padded()
+    mask = padded.node_mask
+    _grads_match(lambda p: jnp.sum(jnp.where(mask, down.batch(p, padded), 0.0)),
+                 lambda p: jnp.sum(eager(p)), p)
 
 
 # ---------------------------------------------------------------------- other dtypes

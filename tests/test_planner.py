@@ -67,21 +67,36 @@ def test_plan_invariants(seed):
             for r in range(pk.width):
                 row = base + s * pk.width + r
                 d = t.degree[s, r]
-                if d == 0:  # padding: reads node 0, owns one edge slot whose child is row 0
-                    assert t.node[s, r] == 0
-                    e = t.edge_start[s, r]
-                    assert t.edge_segment[s, e] == r and t.edge_child[s, e] == 0
-                    continue
                 node = int(t.node[s, r])
-                seen.append(node)
-                assert rows[node] == row
-                assert d == len(children[node])
+                g = len(children[node])
+                if rows[node] != row:
+                    # padding: a copy of a real internal node (the step's own when it
+                    # has real rows): its data and degree; it reads that node's children
+                    # and owns one slot holding its first child
+                    assert g and d == g, "padding copies an internal node"
+                    step_nodes = [int(v) for v in t.node[s] if rows[v] >= base + s * pk.width]
+                    step_nodes = [v for v in step_nodes if rows[v] < base + (s + 1) * pk.width]
+                    assert not step_nodes or node in step_nodes
+                    own = [e for e in range(pk.edges) if t.edge_segment[s, e] == r]
+                    assert len(own) == 1
+                    # a step of padding: row r's slot holds the node's child r % degree
+                    # (slots 0 .. degree - 1 hold its children in order)
+                    first = children[node][0 if step_nodes else r % g]
+                    assert t.edge_child[s, own[0]] == rows[first]
+                    if not step_nodes:
+                        assert t.edge_start[s, r] == 0 and own[0] == r
+                        assert all(rows[c] < key.num_leaf_rows for c in children[node])  # leaves
+                else:
+                    seen.append(node)
+                assert d == g
                 slots = range(t.edge_start[s, r], t.edge_start[s, r] + d)
-                got = [int(t.edge_child[s, e]) for e in slots]
-                assert got == [int(rows[c]) for c in children[node]]
-                assert all(t.edge_segment[s, e] == r for e in slots)
+                got = [int(t.edge_child[s, min(e, pk.edges - 1)]) for e in slots]  # clamped, as read
+                if rows[node] == row or step_nodes or g <= min(pk.width, pk.edges):
+                    assert got == [int(rows[c]) for c in children[node]]
+                if rows[node] == row:
+                    assert all(t.edge_segment[s, e] == r for e in slots)
                 # children were computed before this step began
-                assert all(g < base + s * pk.width for g in got)
+                assert all(c < base + s * pk.width for c in got)
             # every row owns at least one slot; unused slots are dropped and read the
             # last row's first child
             assert set(range(pk.width)) <= set(t.edge_segment[s].tolist())

@@ -319,20 +319,45 @@ def check_plan(plan, child_ptr, child_idx, n):
         assert t.edge_child.shape == t.edge_segment.shape == (S, KE)
         # index tables in range
         assert ((t.node >= 0) & (t.node < n)).all()
-        assert ((t.degree >= 0) & (t.edge_start >= 0) & (t.edge_start + t.degree <= KE)).all()
+        # (a step without real rows reads its copied node's children from slot 0 on,
+        # clamped to the last slot when it has more children than the step has slots)
+        assert ((t.degree >= 0) & (t.edge_start >= 0) & ((t.edge_start + t.degree <= KE) | (t.edge_start == 0))).all()
         assert ((t.edge_child >= 0) & (t.edge_child < num_rows)).all()
         assert ((t.edge_segment >= 0) & (t.edge_segment <= K)).all()
         assert (np.diff(t.edge_segment, axis=1) >= 0).all()  # segment ops assume sorted ids
         block_row = base + np.arange(S)[:, None] * K + np.arange(K)[None, :]
-        real = t.degree > 0
-        # padding rows: node 0, degree 0, and no real node's output lives there
-        assert (t.node[~real] == 0).all() and not is_real[block_row[~real]].any()
-        # ... and each owns one edge slot whose child is row 0 (a real leaf), so a map
-        # reduction at a padding row sees a real value, never an empty sum
+        real = rows[t.node] == block_row  # a real row holds its node's output
+        # padding rows: no real node's output lives there; each copies a real node of
+        # its own step (when the step has real rows) or, in a step without real rows, a
+        # node whose children are all leaves (a forest without internal nodes: node 0):
+        # its degree, and it reads that node's children (slots 0 .. in a step without
+        # real rows, whose row r owns slot r holding child r % degree); it owns one
+        # slot, holding the node's first child, so a map reduction at a padding row
+        # sees a real value, never an empty sum
+        assert not is_real[block_row[~real]].any()
         pad_step, pad_local = np.nonzero(~real)
-        pad_pos = t.edge_start[~real]
-        assert np.array_equal(t.edge_segment[pad_step, pad_pos], pad_local)
-        assert (t.edge_child[pad_step, pad_pos] == 0).all()
+        pad_node = t.node[~real].astype(np.int64)
+        g = degree[pad_node]
+        assert np.array_equal(t.degree[~real], g)
+        assert (g > 0).all() if (degree > 0).any() else (pad_node == 0).all()
+        in_real_step = real.any(axis=1)[pad_step]
+        same_step = real[pad_step] & (t.node[pad_step] == pad_node[:, None])
+        assert same_step[in_real_step].any(axis=1).all()  # the node is in the step
+        has = g > 0
+        read = np.minimum(np.repeat(t.edge_start[~real][has], g[has]) + _planner.concat_ranges(np.zeros_like(g[has]), g[has]), KE - 1)
+        want_read = rows[child_idx[_planner.concat_ranges(child_ptr[pad_node[has]], g[has])]]
+        exact = np.repeat(in_real_step[has] | (g[has] <= min(K, KE)), g[has])
+        assert np.array_equal(t.edge_child[np.repeat(pad_step[has], g[has]), read][exact], want_read[exact])
+        assert (t.edge_start[~real][~in_real_step & has] == 0).all()
+        # one owned slot each (segment ids ascend: a row's slots are contiguous)
+        owned = t.edge_segment[pad_step] == pad_local[:, None]
+        assert (owned.sum(axis=1) == 1).all()
+        pad_pos = np.argmax(owned, axis=1)
+        which = np.where(in_real_step, 0, pad_local % np.maximum(g, 1))
+        want_first = np.where(has, rows[child_idx[np.minimum(child_ptr[pad_node] + which, max(child_idx.size - 1, 0))]] if child_idx.size else 0, 0)
+        assert np.array_equal(t.edge_child[pad_step, pad_pos], want_first)
+        assert is_real[want_first].all() and (want_first < base + pad_step * K).all()
+        assert (want_first[~in_real_step & has] < key.num_leaf_rows).all()
         nodes = t.node[real].astype(np.int64)
         seen.append(nodes)
         assert np.array_equal(rows[nodes], block_row[real])
