@@ -776,6 +776,13 @@ class Recursive:
                 f"{meta.shared_node} of the forest has several (a DAG). Run top-down "
                 "passes on trees, or unshare the node (one copy per parent)."
             )
+        if meta.shared_node >= 0 and program.uses_rows:
+            raise ValueError(
+                f"node.index (a node's position among its parent's children) needs one "
+                f"parent per node, but node {meta.shared_node} of the forest has several (a "
+                "DAG). Read child.index inside node.children.map (one per edge) instead, or "
+                "unshare the node (one copy per parent)."
+            )
         return _Prepared(pos, forest, rest, dynamic, program)
 
     def _execute(self, program, dynamic, arrays, at_roots=False):

@@ -141,6 +141,14 @@ def top_down_dag():
     depth.batch(rj.Forest.from_children([[1, 2], [3], [3], []]))
 
 
+def index_dag():
+    @rj.recursive
+    def f(node):
+        return node.index + node.children.map(f).sum()
+
+    f.batch(rj.Forest.from_children([[1, 2], [3], [3], []]))
+
+
 def kind_without_kinds():
     @rj.recursive
     def f(node):
@@ -299,6 +307,7 @@ CASES = {
     "different-arguments": (different_arguments, TypeError, r"every call of inner in one batched program must pass the same non-node arguments"),
     "children-in-top-down": (children_in_top_down, TypeError, r"f reads node.parent or node.is_root, which makes it top-down"),
     "top-down-dag": (top_down_dag, ValueError, r"top-down function\(s\) depth need one parent per node, but node 3"),
+    "index-dag": (index_dag, ValueError, r"node.index \(a node's position among its parent's children\) needs one parent per node, but node 3"),
     "stale-node": (stale_node, TypeError, r"f was called on a node that belongs to no running call"),
     "kind-length": (lambda: rj.Forest.from_parents([-1, 0], kind=["Add"], kinds=["Add"]), ValueError, r"kind has 1 entries for 2 nodes"),
     "kinds-missing": (lambda: rj.Forest.from_trees([rj.Tree(1.0, kind="Add")]), ValueError, r"node 0 has kind 'Add' but no kinds= vocabulary was given"),
