@@ -70,6 +70,7 @@ def batches(
     prefetch: int = 2,
     sizes: np.ndarray | None = None,
     shapes: list | None = None,
+    kinds: Sequence[str] | None = None,
 ) -> Iterator[Batch]:
     """Yields one epoch of padded batches, planned in a background thread.
 
@@ -79,7 +80,7 @@ def batches(
       if group_by_size: sort each run of window * batch_size trees by size
       groups = consecutive runs of batch_size trees, in a shuffled order
       for every `window` groups:
-          forests = Forest.pad_all([Forest.from_trees(g) ...], shapes)
+          forests = Forest.pad_all([Forest.from_trees(g, kinds) ...], shapes)
           yield Batch(forest, indices) for each
 
     Batches padded together share one compiled program, and a window that fits in a
@@ -104,6 +105,8 @@ def batches(
       sizes: precomputed ``tree_sizes(trees)`` (computed when needed and not given).
       shapes: the list of shapes earlier epochs padded to, updated in place (see
         ``Forest.pad_all``); pass one list to every epoch. Default: a new list.
+      kinds: the vocabulary of node kinds, for trees with ``Tree.kind`` (see
+        ``Forest.from_trees``): one list for every batch and epoch.
 
     Example:
       >>> import recjax as rj
@@ -132,7 +135,7 @@ def batches(
     shapes = [] if shapes is None else shapes  # appended to by the loader thread only
 
     def plan_window(w):
-        forests = Forest._pad_trees([[trees[j] for j in g] for g in w], shapes=shapes)
+        forests = Forest._pad_trees([[trees[j] for j in g] for g in w], kinds=kinds, shapes=shapes)
         return [Batch(f, g) for f, g in zip(forests, w)]
 
     yield from _background(plan_window, windows, prefetch)
@@ -308,6 +311,7 @@ def fit(
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = True,
     progress: bool = True,
+    kinds: Sequence[str] | None = None,
 ) -> FitResult:
     """Trains ``params`` on ``trees`` for ``epochs`` epochs; evaluates and checkpoints each.
 
@@ -316,12 +320,12 @@ def fit(
       opt_state, shapes = optimizer.init(params), []
       for epoch in range(epochs):          # from the checkpoint's next epoch when resuming
           for batch in batches(trees, batch_size, seed=seed, epoch=epoch, window=window,
-                               shapes=shapes):
+                               shapes=shapes, kinds=kinds):
               rows = labels[batch.indices], padded to len(batch.forest.roots)
               loss, grads = jax.value_and_grad(loss_fn)(params, batch.forest, rows)
               updates, opt_state = optimizer.update(grads, opt_state, params)
               params = optax.apply_updates(params, updates)
-          for batch in batches(eval_trees, batch_size):   # planned once, reused
+          for batch in batches(eval_trees, batch_size, kinds=kinds):   # planned once, reused
               pairs = eval_fn(params, batch.forest, eval_labels rows)
           metrics = {name: sum of sums / sum of counts over the batches}
 
@@ -363,6 +367,7 @@ def fit(
         equals an uninterrupted run. ``False`` starts over (and overwrites it).
       progress: show a ``tqdm`` bar per epoch with the loss and real nodes per second
         (only when stderr is a terminal).
+      kinds: the vocabulary of node kinds, for trees with ``Tree.kind`` (see ``batches``).
 
     Returns:
       ``FitResult(params, opt_state, history)``, the history covering every epoch (see
@@ -438,7 +443,7 @@ def fit(
         with bar, contextlib.closing(
             batches(
                 trees, batch_size, seed=seed, epoch=epoch, window=window, sizes=sizes,
-                shapes=shapes,
+                shapes=shapes, kinds=kinds,
             )
         ) as epoch_batches:
             known = len(shapes)
@@ -465,7 +470,7 @@ def fit(
             }
             if eval_fn is not None:
                 if eval_batches is None:
-                    eval_batches = list(batches(eval_trees, batch_size))
+                    eval_batches = list(batches(eval_trees, batch_size, kinds=kinds))
                 entry["metrics"] = _evaluate(eval_fn, params, eval_batches, eval_labels)
             entry["seconds"] = time.perf_counter() - start
             bar.set_postfix_str(

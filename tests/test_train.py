@@ -112,6 +112,44 @@ def test_many_batches_through_the_thread_are_all_correct():
     assert count == 3 * 400
 
 
+OPS = ["Num", "Add", "Mul"]
+
+
+@rj.recursive
+def calc(p, node):
+    if node.kind == "Num":
+        return node.data * p
+    a, b = [calc(p, c) for c in node.children]
+    return a + b if node.kind == "Add" else a * b
+
+
+def random_expression(rng, depth):
+    if depth == 0 or rng.random() < 0.3:
+        return rj.Tree(np.float32(rng.uniform(-1, 1)), kind="Num")
+    kids = [random_expression(rng, depth - 1) for _ in range(2)]
+    return rj.Tree(np.float32(0), kids, kind=OPS[1 + int(rng.integers(2))])
+
+
+def test_batches_and_fit_take_a_kind_vocabulary():
+    rng = np.random.default_rng(5)
+    trees = [random_expression(rng, 5) for _ in range(40)]
+    p = jnp.float32(0.9)
+    want = np.array([calc(p, t) for t in trees])
+    for b in batches(trees, 8, window=2, kinds=OPS):
+        got = np.asarray(calc.roots(p, b.forest))[: b.indices.size]
+        np.testing.assert_allclose(got, want[b.indices], rtol=1e-5, atol=1e-6)
+    labels = jnp.asarray(want * 0.5)  # any per-root target
+
+    def loss(p, forest, y):
+        return masked_mean((calc.roots(p, forest) - y) ** 2, forest.root_mask)
+
+    result = fit(loss, p, trees, labels=labels, optimizer=optax.sgd(0.01), epochs=2,
+                 batch_size=8, kinds=OPS, progress=False)
+    assert np.isfinite(result.params) and all(np.isfinite(h["loss"]) for h in result.history)
+    with pytest.raises(ValueError, match="kinds="):
+        next(batches(trees, 8))
+
+
 def test_loader_errors_reach_the_consumer_and_early_exit_stops_the_thread():
     trees = [rj.Tree(1.0)] * 5 + [rj.Tree(1)]  # an int node: schema mismatch in its batch
     with pytest.raises(ValueError, match="same structure, shapes and dtypes"):
