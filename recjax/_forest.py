@@ -38,6 +38,9 @@ class _Meta:
     # A node with several parents, or a root that is also a child (-1 if none): top-down
     # passes need a single parent per node.
     shared_node: int = dataclasses.field(compare=False, hash=False, default=-1)
+    # A node in several trees (a subtree shared between trees, or a Tree passed as two
+    # roots; -1 if none): ``pool`` needs one tree per node.
+    cross_tree_node: int = dataclasses.field(compare=False, hash=False, default=-1)
 
 
 class _PadShape(NamedTuple):
@@ -426,7 +429,7 @@ class Forest:
         roots = np.concatenate([roots, np.zeros(root_mask.size - roots.size, roots.dtype)])
         if num_nodes > n:  # padding nodes are leaves in the host view (never computed)
             child_ptr = np.concatenate([child_ptr, np.full(num_nodes - n, child_ptr[-1])])
-        tree_of, shared = _tree_of(child_ptr[: n + 1], child_idx, roots[: int(root_mask.sum())])
+        tree_of, shared, cross = _tree_of(child_ptr[: n + 1], child_idx, roots[: int(root_mask.sum())])
         if kind is not None:
             pairs = np.unique(np.stack([kind[internal], degree[internal]]), axis=1).T.tolist()
             kind_arities = tuple(sorted(set(map(tuple, pairs)) | set(kind_arities)))
@@ -438,6 +441,7 @@ class Forest:
             kinds=None if kinds is None else tuple(kinds),
             kind_arities=kind_arities if kind is not None else (),
             shared_node=shared,
+            cross_tree_node=cross,
         )
         pad = plan.key.num_node_rows
         padded = jax.tree.map(lambda a: np.concatenate([a, np.repeat(a[:1], pad - n, 0)]), data)
@@ -482,8 +486,9 @@ class Forest:
     def tree_of(self):
         """``[num_nodes]`` int32: the tree of every node, as an index into ``roots``.
 
-        A node shared by several trees (a DAG) belongs to the tree of its first parent.
-        Padding nodes (see ``padded``) get ``len(roots)``, which segment ops drop.
+        A node shared by several trees (a DAG) belongs to the tree of its first parent
+        (``pool`` refuses such forests). Padding nodes (see ``padded``) get
+        ``len(roots)``, which segment ops drop.
 
         Example:
           >>> import recjax as rj
@@ -500,6 +505,12 @@ class Forest:
         ``op`` is ``"sum"``, ``"mean"`` or ``"max"``. Works under ``jit``; padding nodes
         and padding roots contribute nothing (a padding root's entry is 0).
 
+        Raises:
+          ValueError: an unknown ``op``, ``values`` without a ``num_nodes`` leading axis,
+            or a node in several trees (``from_trees`` keeps one node per ``Tree``
+            object, so a subtree shared between trees, or a tree passed twice, is one
+            node that each tree would need to count).
+
         Example:
           >>> import jax.numpy as jnp
           >>> import recjax as rj
@@ -509,6 +520,13 @@ class Forest:
         """
         if op not in ("sum", "mean", "max"):
             raise ValueError(f"Forest.pool: op must be 'sum', 'mean' or 'max', not {op!r}.")
+        if self._meta.cross_tree_node >= 0:
+            raise ValueError(
+                f"Forest.pool: node {self._meta.cross_tree_node} belongs to several trees "
+                "(a subtree shared between trees, or one Tree passed twice), and pool "
+                "reduces each node into one tree. Pass separate copies (copy.deepcopy) "
+                "of trees that share nodes."
+            )
         num = self._arrays["root_mask"].shape[0]
 
         def one(v):
@@ -674,8 +692,9 @@ def _kind_ids(names: list, kinds) -> np.ndarray | None:
     return ids
 
 
-def _tree_of(child_ptr, child_idx, roots) -> tuple[np.ndarray, int]:
-    """Every node's tree (index into ``roots``) and a node with several parents (or -1).
+def _tree_of(child_ptr, child_idx, roots) -> tuple[np.ndarray, int, int]:
+    """Every node's tree (index into ``roots``), a node with several parents (or -1) and
+    a node in several trees (or -1).
 
     A node's tree is its first parent's (pointer jumping: O(N log depth), no Python loop
     over nodes).
@@ -696,7 +715,12 @@ def _tree_of(child_ptr, child_idx, roots) -> tuple[np.ndarray, int]:
         top = nxt
     index = np.zeros(n, dtype=np.int64)
     index[roots[::-1]] = np.arange(roots.size - 1, -1, -1)  # first occurrence wins
-    return index[top], int(shared[0]) if shared.size else -1
+    tree = index[top]
+    # in several trees: a child of a node of another tree, or a root listed twice
+    cross = child_idx[tree[parent] != tree[child_idx]]
+    twice = roots[np.flatnonzero(np.bincount(roots, minlength=n)[roots] > 1)]
+    cross = np.concatenate([cross, twice])
+    return tree, int(shared[0]) if shared.size else -1, int(cross.min()) if cross.size else -1
 
 
 def _canonical(a: np.ndarray, where: str) -> np.ndarray:

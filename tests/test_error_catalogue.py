@@ -149,6 +149,11 @@ def index_dag():
     f.batch(rj.Forest.from_children([[1, 2], [3], [3], []]))
 
 
+def pool_shared():
+    t = rj.Tree(1.0, [rj.Tree(2.0)])
+    rj.Forest.from_trees([t, t]).pool(jnp.ones(2))
+
+
 def kind_without_kinds():
     @rj.recursive
     def f(node):
@@ -307,6 +312,7 @@ CASES = {
     "different-arguments": (different_arguments, TypeError, r"every call of inner in one batched program must pass the same non-node arguments"),
     "children-in-top-down": (children_in_top_down, TypeError, r"f reads node.parent or node.is_root, which makes it top-down"),
     "top-down-dag": (top_down_dag, ValueError, r"top-down function\(s\) depth need one parent per node, but node 3"),
+    "pool-shared": (pool_shared, ValueError, r"Forest.pool: node 0 belongs to several trees"),
     "index-dag": (index_dag, ValueError, r"node.index \(a node's position among its parent's children\) needs one parent per node, but node 3"),
     "stale-node": (stale_node, TypeError, r"f was called on a node that belongs to no running call"),
     "kind-length": (lambda: rj.Forest.from_parents([-1, 0], kind=["Add"], kinds=["Add"]), ValueError, r"kind has 1 entries for 2 nodes"),

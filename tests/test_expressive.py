@@ -513,6 +513,16 @@ def test_pool_errors():
         forest.pool(jnp.ones(2), "median")
     with pytest.raises(ValueError, match="leading axis of num_nodes = 2"):
         forest.pool(jnp.ones(3))
+    # a node in several trees would count in only one of them: refused
+    leaf, mid = rj.Tree(3.0), rj.Tree(2.0)
+    shared = rj.Tree(1.0, [rj.Tree(2.0, [leaf])])
+    for trees in ([shared, shared], [rj.Tree(0.0, [leaf]), rj.Tree(1.0, [leaf])],
+                  [rj.Tree(0.0, [mid]), rj.Tree(1.0, [rj.Tree(5.0, [mid])])]):
+        with pytest.raises(ValueError, match="belongs to several trees"):
+            rj.Forest.from_trees(trees).pool(jnp.ones(rj.Forest.from_trees(trees).num_nodes))
+    # shared inside one tree only: one node, one tree, pooled once
+    dag = rj.Forest.from_trees([rj.Tree(1.0, [leaf, leaf]), rj.Tree(2.0)])
+    assert dag.pool(jnp.ones(dag.num_nodes), "sum").tolist() == [2.0, 1.0]
 
 
 # ---------------------------------------------------------------------- DAGs and scale
