@@ -482,15 +482,21 @@ class _TraceNode(_Node):
         return self._frame.ctx["index"]
 
 
+def _eager_data(x):
+    """A node's data for plain recursion: JAX arrays as they are (tracers too, so the
+    reference call works under ``jit``, ``grad`` and ``vmap``), the rest as jnp arrays."""
+    if isinstance(x, jax.Array):
+        return x
+    a = np.asarray(x)
+    return jnp.asarray(a, jax.dtypes.canonicalize_dtype(a.dtype))
+
+
 class _EagerNode(_Node):
     """A node of a concrete tree during plain Python recursion."""
 
     def __init__(self, pos: Position, rec):
         tree = pos.tree
-        data = jax.tree.map(
-            lambda x: jnp.asarray(np.asarray(x), jax.dtypes.canonicalize_dtype(np.asarray(x).dtype)),
-            tree.data,
-        )
+        data = jax.tree.map(_eager_data, tree.data)
         super().__init__(data)
         self._pos = pos
         self._rec = rec

@@ -156,6 +156,25 @@ def test_expression_evaluator_gradient_wrt_data_scale():
     np.testing.assert_allclose(got, want, rtol=1e-4)
 
 
+def test_eager_reference_runs_under_jit_grad_and_vmap_of_node_data():
+    # the reference call on a Tree built from traced arrays, against the batched
+    # program's gradient with respect to the forest's data
+    @rj.recursive
+    def f(p, node):
+        return jnp.tanh(node.data * p + node.children.map(lambda c: f(p, c)).sum())
+
+    def eager(xs, p):
+        return f(p, rj.Tree(xs[0], [rj.Tree(xs[1]), rj.Tree(xs[2], [rj.Tree(xs[3])])]))
+
+    xs, p = jnp.array([0.5, 1.5, -0.5, 0.25]), jnp.float32(0.8)
+    forest = rj.Forest.from_parents([-1, 0, 0, 2], xs)
+    np.testing.assert_allclose(jax.jit(eager)(xs, p), f.roots(p, forest)[0], rtol=1e-6)
+    got = jax.grad(lambda fo: f.roots(p, fo)[0], allow_int=True)(forest).data
+    np.testing.assert_allclose(jax.grad(eager)(xs, p), got, rtol=1e-5)
+    twice = jax.vmap(eager, in_axes=(0, None))(jnp.stack([xs, -xs]), p)
+    np.testing.assert_allclose(twice, [eager(xs, p), eager(-xs, p)], rtol=1e-6)
+
+
 def test_dag_shared_nodes_computed_once():
     calls = {"n": 0}
 
