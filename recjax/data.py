@@ -948,6 +948,18 @@ def calculator(
 # ====================================================================== nested lists
 
 
+def _fits(value, cast, dtype: np.dtype) -> bool:
+    """Whether ``cast`` (``value`` converted to ``dtype``; None: it overflowed) holds
+    ``value``: numpy scalars wrap around (``np.int64`` to int32) or become inf quietly."""
+    if cast is None:
+        return False
+    if np.issubdtype(dtype, np.integer) and not isinstance(value, (bool, np.bool_)):
+        return not float(value).is_integer() or int(cast) == value  # 2.5 -> 2 is rounding
+    if np.issubdtype(dtype, np.floating):
+        return not np.isfinite(value) or bool(np.isfinite(cast))
+    return True
+
+
 def from_nested(obj: Any, dtype: Any = None, fill: Any = None) -> Tree:
     """Converts nested lists/tuples of numbers into an ``rj.Tree`` (iterative: any depth).
 
@@ -1017,11 +1029,15 @@ def from_nested(obj: Any, dtype: Any = None, fill: Any = None) -> Tree:
         dtype = np.float32 if "f" in kinds else np.bool_ if kinds == {"b"} else np.int32
     scalar = np.dtype(dtype).type
     for d in leaves:
+        value = d["value"]
         try:
-            d["value"] = scalar(d["value"])
-        except OverflowError:
+            with np.errstate(over="ignore"):
+                d["value"] = scalar(value)
+        except OverflowError:  # a Python int out of range
+            d["value"] = None
+        if not _fits(value, d["value"], np.dtype(dtype)):
             raise ValueError(
-                f"from_nested: leaf value {d['value']} does not fit {np.dtype(dtype)}; pass a "
+                f"from_nested: leaf value {value} does not fit {np.dtype(dtype)}; pass a "
                 "wider dtype."
             ) from None
     fill_value = scalar(0 if fill is None else fill)

@@ -432,6 +432,12 @@ def test_from_nested_errors():
         data.from_nested([loop])
     with pytest.raises(ValueError, match="does not fit"):
         data.from_nested([2**40], dtype=np.int32)
+    # numpy scalars too (numpy would wrap them around, or round them to inf)
+    for leaf, dtype in [(np.int64(3_000_000_000), None), (np.uint64(2**63), None),
+                        (np.int64(-2**40), np.int32), (70000, np.float16), (np.float64(1e300), np.float32)]:
+        with pytest.raises(ValueError, match="does not fit"):
+            data.from_nested([leaf, 1], dtype=dtype)
+    assert data.to_nested(data.from_nested([np.int64(7), np.float32(np.inf)])) == [7.0, np.inf]
 
 
 def test_deep_inputs_convert_without_recursion_error():
