@@ -522,7 +522,7 @@ class _EagerNode(_Node):
     @property
     def parent(self):
         self._rec._top_down = True
-        return None if self._pos.parent is None else _EagerChild(self._pos.parent)
+        return None if self._pos.parent is None else _EagerChild(self._pos.parent, is_parent=True)
 
     @property
     def index(self):
@@ -530,11 +530,21 @@ class _EagerNode(_Node):
 
 
 class _EagerChild:
-    """A child (or parent) during plain recursion: pass it to a recursive function."""
+    """A child (or parent) during plain recursion: pass it to a recursive function.
 
-    def __init__(self, pos: Position):
+    Reading anything else fails as it does when batched (``_SymbolicChild``), so that
+    plain recursion and ``batch`` accept the same programs."""
+
+    def __init__(self, pos: Position, is_parent: bool = False):
         self.pos = pos
         self.index = jnp.int32(pos.index)
+        self._is_parent = is_parent
+
+    def __getattr__(self, name):
+        if name.startswith("__") or name in ("pos", "index", "_is_parent"):
+            return object.__getattribute__(self, name)  # Python's own AttributeError
+        symbolic = _SymbolicParent if self._is_parent else _SymbolicChild
+        return symbolic.__getattr__(self, name)
 
 
 # ---------------------------------------------------------------------- the decorator

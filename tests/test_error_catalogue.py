@@ -66,6 +66,8 @@ def child_attribute():
     def f(node):
         return node.data + node.children.map(lambda c: c.data).sum()
 
+    with pytest.raises(AttributeError, match=r"`child.data` is not available"):
+        f(rj.Tree(1.0, [rj.Tree(2.0)]))  # plain recursion refuses it the same way
     f.batch(forest())
 
 
