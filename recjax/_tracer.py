@@ -147,6 +147,20 @@ class Ragged:
     def min(self, initial=None):
         return self._reduce("min", initial)
 
+    def __len__(self):
+        raise TypeError(
+            "children.map(...) has no len(): in a batched program it holds a different "
+            "number of values at every node. Reduce it (.sum(), .mean(), .max(), .min()); "
+            "for the number of children use node.children.map(lambda c: 1.0).sum()."
+        )
+
+    def __iter__(self):
+        raise TypeError(
+            "children.map(...) cannot be iterated: in a batched program it holds a "
+            "different number of values at every node. Reduce it (.sum(), .mean(), "
+            ".max(), .min()), or iterate node.children itself."
+        )
+
 
 def _combine(op, x, initial):
     if initial is None:

@@ -61,6 +61,21 @@ def empty_reduction():
     f.batch(forest())
 
 
+def ragged_len():
+    @rj.recursive
+    def g(node):
+        return node.data + sum(node.children.map(g))  # iterates the mapped values
+
+    with pytest.raises(TypeError, match=r"children.map\(...\) cannot be iterated"):
+        g(rj.Tree(1.0, [rj.Tree(2.0)]))
+
+    @rj.recursive
+    def f(node):
+        return node.data + len(node.children.map(f))
+
+    f.batch(forest())
+
+
 def child_attribute():
     @rj.recursive
     def f(node):
@@ -303,6 +318,7 @@ CASES = {
     "children-inside-jit": (inside_jit(lambda f: f.children(0)), ValueError, r"children arrays of a Forest are not available inside jit"),
     "traced-branch": (branch_on_data, TypeError, r"f branches on traced data at a leaf.*`jnp.where` or `lax.cond`"),
     "empty-sum-shape": (empty_sum_shape, TypeError, r"f failed at a leaf after .*sum\(\)` over no children.*initial=jnp.zeros"),
+    "ragged-len": (ragged_len, TypeError, r"children.map\(...\) has no len\(\): in a batched program it holds a different number"),
     "empty-reduction": (empty_reduction, ValueError, r"max\(\) at a node without children.*`if node.is_leaf: ...`.*initial="),
     "child-attribute": (child_attribute, AttributeError, r"`child.data` is not available"),
     "node-argument-count": (lambda: add.batch(forest(), forest()), TypeError, r"add\(...\) got 2 node arguments; pass exactly one rj.Forest"),
