@@ -958,7 +958,7 @@ def _template(rec, fid, binding, direction, signature, resolver):
         node = _TraceNode(data, frame)
         frame.node = node
         (args, kwargs), frame.rest = binding.rebuild(dynamic, node)
-        where = _describe(signature)
+        where = _describe(signature, resolver.kinds)
         out = _call_user(frame, rec.fn, args, kwargs, where)
         for leaf in jax.tree.leaves(out):
             if not (_is_array(leaf) or isinstance(leaf, (bool, int, float, complex))):
@@ -1088,9 +1088,9 @@ class _Discovery:
                 sigs[(False, False)] = self.trace(fid, (False, False))
         for sig, spec in sigs.items():
             if not _same_spec(spec, entry["spec"]):
-                base = "a leaf" if entry["direction"] == "up" else _describe(next(iter(sigs)))
+                base = "a leaf" if entry["direction"] == "up" else _describe(next(iter(sigs)), self.kinds)
                 raise TypeError(
-                    f"{rec._name} returns {_show(spec)} at {_describe(sig)} but "
+                    f"{rec._name} returns {_show(spec)} at {_describe(sig, self.kinds)} but "
                     f"{_show(entry['spec'])} at {base}. Every node must return the same "
                     "structure, shapes and dtypes (the children's and parent's outputs have "
                     f"that structure); make {base.split()[-1]} branch return what the others return."
@@ -1413,9 +1413,11 @@ def _plain(signature):
     return signature[2] if _is_kinded(signature) else signature
 
 
-def _describe(signature) -> str:
+def _describe(signature, kinds=None) -> str:
+    """Where a signature applies, in words; ``kinds`` (the vocabulary) names the kind."""
     if _is_kinded(signature):
-        return f"{_describe(signature[2])} of kind {signature[1]}"
+        name = repr(kinds[signature[1]]) if kinds and signature[1] < len(kinds) else signature[1]
+        return f"{_describe(signature[2])} of kind {name}"
     if _is_down(signature):
         is_root, is_leaf = signature
         where = "a root" if is_root else "a non-root node"

@@ -176,3 +176,11 @@ def test_kind_errors():
         rj.Forest.pad_all([kinded, other])
     # from_parents with kinds runs like from_trees
     np.testing.assert_allclose(evaluate.batch(jnp.float32(2), kinded), [-4.0, 4.0])
+
+    @rj.recursive
+    def total(node):  # a childless "Sum" returns the int 0 of an empty sum
+        return node.data if node.kind == "Num" else node.children.map(total).sum()
+
+    sums = rj.Tree(0.0, [rj.Tree(1.0, kind="Num"), rj.Tree(0.0, kind="Sum")], kind="Sum")
+    with pytest.raises(TypeError, match="at a leaf of kind 'Sum' but float32"):  # named, not 1
+        total.batch(rj.Forest.from_trees([sums], kinds=["Num", "Sum"]))
