@@ -724,9 +724,28 @@ def _tree_of(child_ptr, child_idx, roots) -> tuple[np.ndarray, int, int]:
 
 
 def _canonical(a: np.ndarray, where: str) -> np.ndarray:
+    """``a`` in JAX's dtype for it (int64 -> int32 without x64), refusing values it cannot hold."""
     if not (jax.dtypes.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
         raise TypeError(f"{where} has dtype {a.dtype}; node data must be numeric arrays.")
-    return a.astype(jax.dtypes.canonicalize_dtype(a.dtype), copy=False)
+    target = jax.dtypes.canonicalize_dtype(a.dtype)
+    if target == a.dtype:
+        return a
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = a.astype(target)
+    if np.issubdtype(a.dtype, np.integer):
+        lost = cast != a  # int64 -> int32 and uint64 -> uint32 wrap around
+    else:  # float64 -> float32 (and complex) overflow to inf
+        lost = np.isfinite(a) & ~np.isfinite(cast)
+    if lost.any():
+        index = np.unravel_index(int(np.argmax(lost)), a.shape)
+        raise ValueError(
+            f"{where} at node {index[0]} holds {a[index]}, which does not fit {target} (JAX "
+            f"stores {a.dtype} data as {target} while jax_enable_x64 is off; it would become "
+            f"{cast[index]}). Rescale or "
+            "re-encode the values, or enable 64-bit types with "
+            "jax.config.update('jax_enable_x64', True)."
+        )
+    return cast
 
 
 @contextlib.contextmanager
@@ -804,9 +823,7 @@ def _stack_tree_data(datas: list) -> Any:
 def _stack_column(column: tuple) -> np.ndarray | None:
     """``np.stack`` of one data field over all nodes, or None if the nodes disagree."""
     kinds = set(map(type, column))
-    if len(kinds) != 1:
-        return None
-    (kind,) = kinds
+    kind = kinds.pop() if len(kinds) == 1 else object  # mixed types (1.0 and np.float64): as arrays
     if issubclass(kind, np.number):  # numpy scalars of one type: one dtype
         return np.fromiter(column, dtype=kind, count=len(column))
     if kind in (bool, int, float, complex) or issubclass(kind, np.generic):

@@ -295,6 +295,11 @@ CASES = {
         r"node 1: data\['x'\] has shape \(\) and dtype int64; node 0 has shape \(\) and dtype float64",
     ),
     "data-not-numeric": (lambda: rj.Forest.from_trees([rj.Tree({"w": "text"})]), TypeError, r"data\['w'\] has dtype <U4; node data must be numeric"),
+    "data-narrowing": (
+        lambda: rj.Forest.from_parents([-1, 0], {"id": np.array([1, 2**32 + 7])}),
+        ValueError,
+        r"data\['id'\] at node 1 holds 4294967303, which does not fit int32",
+    ),
     "parents-ragged": (lambda: rj.Forest.from_parents([[-1], [0, 0]]), ValueError, r"parent must be a 1-D integer array"),
     "parents-ndim": (lambda: rj.Forest.from_parents([[-1, 0]]), ValueError, r"parent must be a 1-D array; got shape \(1, 2\)"),
     "parents-empty": (lambda: rj.Forest.from_parents([]), ValueError, r"empty forest: the parent array has no nodes"),

@@ -64,6 +64,39 @@ def test_data_schema_mismatch_lists_every_bad_node():
         rj.Forest.from_trees([rj.Tree("text")])
 
 
+def test_data_of_one_dtype_in_different_python_types_stacks():
+    """1.0 and np.float64(2) (or 1 and np.int64, a 0-d array and a numpy scalar, a JAX
+    scalar and a numpy one) have one shape and dtype: accepted, in both stacking paths."""
+    pairs = [(1.0, np.float64(2.0)), (1, np.int64(2)), (np.array(1.0), np.float64(2.0)),
+             (jnp.float32(1), np.float32(2)), (True, np.bool_(False))]
+    for a, b in pairs:
+        for wrap in (lambda v: {"x": v}, lambda v: (v, {"y": v})):
+            data = rj.Forest.from_trees([rj.Tree(wrap(a), [rj.Tree(wrap(b))])]).data
+            got = jax.tree_util.tree_leaves(data)[0]
+            np.testing.assert_array_equal(got, np.asarray([a, b], got.dtype))
+    with pytest.raises(ValueError, match=r"node 1: data\['x'\] has shape \(\) and dtype float32; node 0 has shape \(\) and dtype float64"):
+        rj.Forest.from_trees([rj.Tree({"x": 1.0}, [rj.Tree({"x": np.float32(2)})])])
+
+
+def test_data_that_does_not_fit_jax_dtypes_is_refused():
+    """Without x64 a forest stores int64 as int32 and float64 as float32: values that
+    would wrap around or become inf are refused, naming the node; others convert."""
+    with pytest.raises(ValueError, match=r"data\['id'\] at node 0 holds 4294967303, which does not fit int32"):
+        rj.Forest.from_trees([rj.Tree({"id": 2**32 + 7})])
+    with pytest.raises(ValueError, match=r"data at node 2 holds -3000000000, which does not fit int32"):
+        rj.Forest.from_parents([-1, 0, 0], np.array([1, 2, -3_000_000_000]))
+    with pytest.raises(ValueError, match=r"data\[1\] at node 1 holds 1e\+39, which does not fit float32"):
+        rj.Forest.from_trees([rj.Tree((1.0, 1.0), [rj.Tree((2.0, 1e39))])])
+    with pytest.raises(ValueError, match=r"data\['v'\] at node 0 holds 5000000000"):
+        rj.Forest.from_children([[]], {"v": np.array([[1, 5_000_000_000]], np.uint64)})
+    ok = rj.Forest.from_parents([-1, 0], {"i": np.array([2**31 - 1, -(2**31)]), "f": np.array([np.inf, -3e38]),
+                                          "nan": np.array([np.nan, 1.0])})
+    np.testing.assert_array_equal(ok.data["i"], [2**31 - 1, -(2**31)])
+    assert ok.data["i"].dtype == np.int32 and ok.data["f"].dtype == np.float32
+    np.testing.assert_array_equal(ok.data["f"], np.array([np.inf, -3e38], np.float32))
+    assert np.isnan(ok.data["nan"][0])
+
+
 def test_flat_dict_data_stacks_by_key_and_the_collector_is_restored():
     """The by-key fast path for flat dicts gives the pytree path's arrays; converting
     pauses the garbage collector and restores its state, also after an error."""
