@@ -565,7 +565,8 @@ def load_glove(
     """An embedding matrix for ``vocab`` from word vectors in GloVe's text format.
 
     Each line of the file is ``word v1 v2 ... vdim`` (single spaces; a word may itself
-    contain spaces, as in ``glove.840B``: the last ``dim`` fields are the vector). A
+    contain spaces, as in ``glove.840B``: the last ``dim`` fields are the vector; trailing
+    whitespace, as in fastText's ``.vec`` files, is ignored). A
     word2vec-style header line ``"<count> <dim>"`` is skipped. Row ``i`` of the result is
     the vector of ``vocab.words[i]`` (the first occurrence in the file); words not in the
     file get ``scale * N(0, 1)`` draws from ``np.random.default_rng(seed)`` (drawn for
@@ -607,8 +608,8 @@ def load_glove(
     with open(path, encoding="utf-8", errors="replace") as f:
         first = True
         for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
+            line = line.rstrip()  # fastText's .vec files end each line with a space
+            if not line:
                 continue
             if first:
                 first = False

@@ -91,6 +91,8 @@ import recjax as rj
 from recjax import data as rdata
 from recjax import nn
 from recjax.train import (
+    CHECKPOINT_FILE,
+    _saved_epochs,
     batches,
     binary_root_accuracy,
     fit,
@@ -671,10 +673,13 @@ def train(
                 "Pass --restart to start over, or another --checkpoint-dir."
             )
     try:
-        result = fit(loss_fn, params, trees, epochs=0, resume=resume, **common)
+        done = _saved_epochs(ckpt) if resume else 0
+        result = fit(loss_fn, params, trees, epochs=done, resume=resume, **common)
     except ValueError as e:
         raise SystemExit(f"cannot resume from {ckpt}: {e}\nPass --restart to start over.") from None
     ckpt.mkdir(parents=True, exist_ok=True)
+    if not resume:  # an interrupted --restart must not leave the old run's checkpoint
+        (ckpt / CHECKPOINT_FILE).unlink(missing_ok=True)
     config_path.write_text(json.dumps(config, indent=1, sort_keys=True) + "\n", encoding="utf-8")
 
     widths = {k: max(7, len(t)) for k, t in show.items()}
@@ -693,14 +698,13 @@ def train(
 
     done = len(result.history)
     if done:
-        print(f"resumed from {ckpt / 'checkpoint.npz'}: {done} epoch(s) done before")
+        print(f"resumed from {ckpt / CHECKPOINT_FILE}: {done} epoch(s) done before")
         for h in result.history:
             row(h, "  (checkpoint)")
     if done >= args.epochs:
         print(f"the checkpoint already holds {done} epoch(s); --epochs {args.epochs}: nothing to train")
     for epoch in range(done + 1, args.epochs + 1):
-        # With --restart, the first epoch overwrites the old checkpoint; later ones resume.
-        result = fit(loss_fn, params, trees, epochs=epoch, resume=resume or epoch > 1, **common)
+        result = fit(loss_fn, params, trees, epochs=epoch, resume=True, **common)
         row(result.history[-1])
     return result
 
@@ -798,7 +802,7 @@ def _ast_node(t: rj.Tree) -> dict:
 def _glove_dim(path) -> int:
     """The vector size of a GloVe (or word2vec text) file, from its first line."""
     with open(path, encoding="utf-8", errors="replace") as f:
-        fields = f.readline().rstrip("\r\n").split(" ")
+        fields = f.readline().rstrip().split(" ")
     if len(fields) == 2 and all(x.isdigit() for x in fields):
         return int(fields[1])
     return len(fields) - 1

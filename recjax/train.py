@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import queue
@@ -135,10 +136,31 @@ def batches(
     shapes = [] if shapes is None else shapes  # appended to by the loader thread only
 
     def plan_window(w):
-        forests = Forest._pad_trees([[trees[j] for j in g] for g in w], kinds=kinds, shapes=shapes)
+        try:
+            forests = Forest._pad_trees([[trees[j] for j in g] for g in w], kinds=kinds, shapes=shapes)
+        except (ValueError, TypeError) as e:
+            raise _naming_the_tree(e, trees, np.concatenate(w), kinds) from None
         return [Batch(f, g) for f, g in zip(forests, w)]
 
     yield from _background(plan_window, windows, prefetch)
+
+
+def _naming_the_tree(error, trees, indices, kinds):
+    """``error`` (raised by a window's forest, whose node ids are the window's) re-raised
+    for the first tree that fails alone, or against the window's first tree (a schema that
+    differs between trees): node ids then count within that tree, or that pair."""
+    first = int(indices[0])
+    for j in map(int, indices):
+        for pair in ([j], [j, first]):
+            try:
+                Forest.from_trees([trees[k] for k in pair], kinds=kinds)
+            except (ValueError, TypeError) as e:
+                who = f"trees[{j}]" if len(pair) == 1 else (
+                    f"trees[{j}] does not match trees[{first}] (nodes numbered in pre-order, "
+                    f"trees[{j}]'s first)"
+                )
+                return type(e)(f"batches: {who}: {e}")
+    return error
 
 
 # ---------------------------------------------------------------------- losses and metrics
@@ -375,8 +397,12 @@ def fit(
 
     Raises:
       ValueError: bad sizes, ``labels`` not aligned with ``trees``, ``eval_fn`` without
-        ``eval_trees`` (or the reverse), or a checkpoint that cannot be read or does not
-        match ``params``, ``optimizer``, ``seed``, ``batch_size`` or the number of trees.
+        ``eval_trees`` (or the reverse), a checkpoint that cannot be read, holds more
+        than ``epochs`` epochs, or does not match ``params``, the optimizer state's
+        structure, ``seed``, ``batch_size``, ``window``, the trees' sizes or ``labels``
+        (the optimizer's hyperparameters, a learning rate, are not recorded), or a tree
+        whose data or structure is refused (raised when its window is planned, naming
+        its position in ``trees``; ``Forest.from_trees(trees)`` checks them all first).
       TypeError: ``eval_fn`` does not return a dict of ``(sum, count)`` pairs.
 
     Example:
@@ -419,15 +445,24 @@ def fit(
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.asarray(x).dtype), params)
     opt_state = optimizer.init(params)
     history: list[dict] = []
-    config = {"seed": int(seed), "batch_size": int(batch_size), "num_trees": len(trees)}
+    sizes = tree_sizes(trees)
+    config = {
+        "seed": int(seed), "batch_size": int(batch_size), "num_trees": len(trees),
+        "window": int(window), "tree_sizes": _digest(sizes), "labels": _digest(labels),
+    }
     path = None
     if checkpoint_dir is not None:
         os.makedirs(checkpoint_dir, exist_ok=True)
         path = os.path.join(os.fspath(checkpoint_dir), CHECKPOINT_FILE)
         if resume and os.path.exists(path):
             params, opt_state, history = _load_checkpoint(path, params, opt_state, config)
+            if len(history) > epochs:
+                raise ValueError(
+                    f"the checkpoint {path} holds {len(history)} epochs, more than "
+                    f"epochs={epochs} (the total, counting those done); pass "
+                    f"epochs >= {len(history)}, or resume=False to start over."
+                )
 
-    sizes = tree_sizes(trees)
     num_batches = -(-len(trees) // batch_size)
     eval_batches = None
     shapes: list = []  # batch shapes padded to so far: the compiled train steps
@@ -632,10 +667,11 @@ def _load_checkpoint(path, params, opt_state, config):
         raise ValueError(
             f"the checkpoint {path} cannot be read ({type(e).__name__}: {e}); {fix}."
         ) from None
+    named = {"tree_sizes": "the trees' sizes (hash)", "labels": "the labels (hash)"}
     problems = [
-        f"{key} is {meta.get(key)} in the checkpoint and {value} now"
+        f"{named.get(key, key)} is {meta[key]} in the checkpoint and {value} now"
         for key, value in config.items()
-        if meta.get(key) != value
+        if key in meta and meta[key] != value  # keys older checkpoints lack are not checked
     ]
     for name, flat, treedef in (("params", p_flat, p_def), ("opt_state", o_flat, o_def)):
         if name not in saved:
@@ -654,14 +690,37 @@ def _load_checkpoint(path, params, opt_state, config):
         raise ValueError(
             f"the checkpoint {path} does not match this call of fit:\n  "
             + "\n  ".join(problems)
-            + "\nPass the params, optimizer, seed, batch_size and trees it was written "
-            + f"with, or {fix}."
+            + "\nPass the params, optimizer, seed, batch_size, window, trees and labels it "
+            + f"was written with, or {fix}."
         )
     params, opt_state = (
         jax.tree.unflatten(treedef, [jnp.asarray(a) for a in saved[name]])
         for name, treedef in (("params", p_def), ("opt_state", o_def))
     )
     return params, opt_state, meta["history"]
+
+
+def _saved_epochs(checkpoint_dir) -> int:
+    """The epochs done in ``checkpoint_dir``'s checkpoint; 0 without one (or unreadable:
+    ``fit`` then says why)."""
+    try:
+        path = os.path.join(os.fspath(checkpoint_dir), CHECKPOINT_FILE)
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
+            return int(json.loads(str(z["meta"]))["epoch"])
+    except Exception:
+        return 0
+
+
+def _digest(arrays) -> str | None:
+    """A short hash of a pytree of numpy arrays (shapes, dtypes and bytes), for checkpoints."""
+    if arrays is None:
+        return None
+    h = hashlib.sha256()
+    for a in jax.tree.leaves(arrays):
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
 
 
 def _with_dtype(a: np.ndarray, name: str) -> np.ndarray:

@@ -223,6 +223,12 @@ def test_load_glove(tmp_path):
     np.testing.assert_allclose(again[5], 0.1 * noise[5], rtol=1e-6)
     assert not np.allclose(data.load_glove(path, vocab, dim=2, seed=4)[5], emb[5])
 
+    path.write_text("2 2 \ngood 0.5 1.0 \nbad -0.5 -1.0\t\r\n")  # fastText .vec: a space ends each line
+    np.testing.assert_allclose(data.load_glove(path, vocab, dim=2)[[2, 3]], [[0.5, 1.0], [-0.5, -1.0]])
+    assert demo._glove_dim(path) == 2
+    path.write_text("good 0.5 1.0 \n")
+    assert demo._glove_dim(path) == 2
+
     path.write_text("good 0.5 1.0\nbad 0.5\n")
     with pytest.raises(ValueError, match=rf"{re.escape(str(path))}, line 2: expected a word and 2"):
         data.load_glove(path, vocab, dim=2)

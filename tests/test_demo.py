@@ -239,7 +239,7 @@ def test_calc_runs_end_to_end_and_checkpoints_by_default(capsys, tmp_path, monke
     assert json.loads((ckpt / demo.CONFIG_FILE).read_text())["task"] == "calc"
 
 
-def test_checkpoint_resumes_and_refuses_other_settings(capsys, tmp_path):
+def test_checkpoint_resumes_and_refuses_other_settings(capsys, tmp_path, monkeypatch):
     ckpt = ["--checkpoint-dir", str(tmp_path / "run")]
     args = ["--limit", "40", *TINY[2:]]
     first = demo.main([*args, "--epochs", "1", *ckpt])
@@ -260,6 +260,22 @@ def test_checkpoint_resumes_and_refuses_other_settings(capsys, tmp_path):
         demo.main([*args, "--epochs", "2", "--hidden", "16", *ckpt])
     restarted = demo.main([*args, "--epochs", "1", "--hidden", "16", "--restart", *ckpt])
     assert len(restarted["history"]) == 1
+    # An interrupted --restart leaves no checkpoint of the run it replaces behind.
+    real_fit = demo.fit
+
+    def interrupted(*a, epochs, **k):
+        if epochs:
+            raise KeyboardInterrupt
+        return real_fit(*a, epochs=epochs, **k)
+
+    monkeypatch.setattr(demo, "fit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        demo.main([*args, "--epochs", "1", "--restart", *ckpt])
+    monkeypatch.undo()
+    capsys.readouterr()
+    fresh = demo.main([*args, "--epochs", "1", *ckpt])
+    assert "resumed from" not in capsys.readouterr().out
+    assert fresh["history"][0]["loss"] == pytest.approx(first["history"][0]["loss"], rel=1e-5)
 
 
 def test_calc_with_another_model(capsys, tmp_path):

@@ -298,6 +298,30 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(whole_run, tmp_path, m
     p["out"] = p["out"][:, :3]
     with pytest.raises(ValueError, match=r"params\['out'\] is float32\[4, 10\] in the checkpoint"):
         fit(root_loss, p, trees, **dict(kw, epochs=5))
+    with pytest.raises(ValueError, match="window is 16 in the checkpoint and 4 now"):
+        fit(root_loss, _params(), trees, window=4, **dict(kw, epochs=5))
+    with pytest.raises(ValueError, match=r"the labels \(hash\) is \w+ in the checkpoint and \w+ now"):
+        fit(root_loss, _params(), trees, **dict(kw, epochs=5, labels=(labels + 1) % 10))
+    swapped = [trees[1], trees[0], *trees[2:]]  # same count, another order of sizes
+    assert tree_sizes(swapped).tolist() != tree_sizes(trees).tolist()
+    with pytest.raises(ValueError, match=r"the trees' sizes \(hash\) is \w+ in the checkpoint"):
+        fit(root_loss, _params(), swapped, **dict(kw, epochs=5))
+    with pytest.raises(ValueError, match=r"holds 4 epochs, more than epochs=3"):
+        fit(root_loss, _params(), trees, **dict(kw, epochs=3))
+
+
+def test_a_refused_tree_is_named_by_its_position_in_trees():
+    """The loader plans a window at a time; a refused tree is named by its index in the
+    input list (its node ids count within it), not by node ids of the window's forest."""
+    good = [rj.Tree(1.0, [rj.Tree(2.0)]) for _ in range(9)]
+    odd = list(good)
+    odd[6] = rj.Tree(1, [rj.Tree(2)])  # ints where the others hold floats
+    with pytest.raises(ValueError, match=r"(?s)batches: trees\[6\] does not match trees\[\d+\] .*node 2: data has shape \(\) and dtype float64; node 0 has shape \(\) and dtype int64"):
+        list(batches(odd, 2, seed=0))
+    inner = list(good)
+    inner[4] = rj.Tree(1.0, [rj.Tree(2.0, [rj.Tree(np.zeros(2))])])  # differs within itself
+    with pytest.raises(ValueError, match=r"(?s)batches: trees\[4\]: node data must have the same structure.*node 2: data has shape \(2,\)"):
+        list(batches(inner, 3, seed=0))
 
 
 # A model small enough that the checkpoint and progress tests compile in a blink.
