@@ -31,6 +31,12 @@ class Tree:
     __slots__ = ("children", "data", "kind")
 
     def __init__(self, data: Any, children: Iterable[Tree] = (), kind: Any = None):
+        if isinstance(children, Tree) or not isinstance(children, Iterable):
+            raise TypeError(
+                f"Tree children must be a list of Tree objects; got a "
+                f"{type(children).__name__}. Write rj.Tree(data, [child]) for one child and "
+                "rj.Tree(data) for a leaf."
+            )
         children = tuple(children)
         for i, child in enumerate(children):
             if not isinstance(child, Tree):

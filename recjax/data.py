@@ -139,7 +139,8 @@ def _build(root: Any, expand: Callable[[Any], tuple[Any, list]], name: str) -> T
 class Vocab:
     """A fixed word -> id table with reserved ids 0 (unknown) and 1 (padding).
 
-    ``vocab[word]`` is the word's id, or ``Vocab.UNK`` (0) for a word not in the table;
+    ``vocab[word]`` is the word's id, or ``Vocab.UNK`` (0) for a word not in the table
+    (``"<pad>"`` included: the padding id stands for "no word" and is never looked up);
     ``vocab.words[i]`` is the word with id ``i``: ``"<unk>"`` for 0, ``"<pad>"`` for 1,
     then ``words`` in the given order (ids 2, 3, ...). The SST readers also give
     internal nodes (which have no word) token 0.
@@ -240,8 +241,8 @@ def build_vocab(
         return Vocab(kept)
 
     ``most_common`` orders equal counts by first appearance, so the ids are reproducible.
-    A literal ``"<unk>"`` or ``"<pad>"`` in the data is not counted (it maps to the
-    reserved id).
+    A literal ``"<unk>"`` or ``"<pad>"`` in the data is not counted; both map to
+    ``Vocab.UNK`` (the padding id is never a word's).
 
     Args:
       sentences: each item is a sequence of word strings (a token list), or an
@@ -262,6 +263,8 @@ def build_vocab(
     """
     if min_count < 1:
         raise ValueError(f"min_count must be at least 1; got {min_count}.")
+    if max_size is not None and max_size < 0:
+        raise ValueError(f"max_size must be at least 0 (or None); got {max_size}.")
     counts: collections.Counter[str] = collections.Counter()
     for i, item in enumerate(sentences):
         if isinstance(item, str):

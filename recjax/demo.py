@@ -197,6 +197,12 @@ def generate_expressions(
         raise ValueError(
             f"need 1 <= min_depth <= max_depth; got min_depth={min_depth}, max_depth={max_depth}."
         )
+    repeated = sorted({op for op in operators if list(operators).count(op) > 1})
+    if repeated:
+        raise ValueError(
+            f"operators lists {', '.join(map(repr, repeated))} more than once; list each "
+            "operator once (they are drawn uniformly)."
+        )
     at_most = [10]  # distinct expressions of depth <= d, for d = 0, 1, ...
     for _ in range(max_depth):
         at_most.append(10 + len(operators) * at_most[-1] ** 2)
@@ -817,6 +823,9 @@ def run_sst(args) -> dict:
         [_map_data(t, _sst_node) for t in split[: args.limit]]
         for split in (splits.train, splits.dev, splits.test)
     )
+    for name, split in (("train", train_trees), ("dev", dev_trees), ("test", test_trees)):
+        if not split:  # found now, not after the training
+            raise SystemExit(f"{directory / (name + '.txt')} holds no trees; the sst task needs all three splits.")
     print(
         f"recjax demo, task sst: binary Tree-LSTM (Tai et al. 2015, N-ary with N = 2), every "
         f"node labelled 0-4; jax {jax.__version__} on {jax.devices()[0].platform}"
@@ -1059,8 +1068,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
             raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1.")
     if args.limit is not None and args.limit < 1:
         raise SystemExit("--limit must be at least 1.")
-    if args.lr <= 0:
-        raise SystemExit("--lr must be positive.")
+    if not 0 < args.lr < float("inf"):  # NaN fails too
+        raise SystemExit(f"--lr must be a positive number; got {args.lr}.")
+    if args.seed < 0:
+        raise SystemExit(f"--seed must be at least 0; got {args.seed}.")
     if args.task != "calc" and args.model != "tree_lstm":
         raise SystemExit("--model applies to --task calc only.")
     if args.checkpoint_dir is None:

@@ -581,7 +581,8 @@ def _rows_array(values, n, name):
     """``values`` as a pytree of numpy arrays whose leading axis is ``n`` (checked)."""
     if values is None:
         return None
-    flat, treedef = jax.tree_util.tree_flatten_with_path(values)
+    # A list is one array ([0, 1, 1] or nested lists), as in Forest.from_parents.
+    flat, treedef = jax.tree_util.tree_flatten_with_path(values, is_leaf=lambda x: isinstance(x, list))
     out, problems = [], []
     for p, leaf in flat:
         a = np.asarray(leaf)

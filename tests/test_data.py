@@ -199,6 +199,10 @@ def test_build_vocab_counts_and_order():
         data.Vocab(["a", "a"])
     with pytest.raises(ValueError, match="reserved"):
         data.Vocab(["<pad>"])
+    assert v["<unk>"] == v["<pad>"] == data.Vocab.UNK  # the padding id is never a word's
+    assert data.build_vocab(sents, max_size=0).words == ("<unk>", "<pad>")
+    with pytest.raises(ValueError, match="max_size must be at least 0"):
+        data.build_vocab(sents, max_size=-1)
 
 
 def test_load_glove(tmp_path):

@@ -87,6 +87,8 @@ def test_generator_rejects_impossible_requests():
         demo.generate_expressions(291, 1, seed=0, exclude=excluded)
     with pytest.raises(ValueError, match="min_depth"):
         demo.generate_expressions(1, 2, seed=0, min_depth=3)
+    with pytest.raises(ValueError, match="operators lists '\\+' more than once"):  # 100 exist, not 300
+        demo.generate_expressions(150, 1, seed=0, operators=("+", "+", "+"))
 
 
 def test_generator_is_seeded_and_respects_depths_and_exclusions():
@@ -220,6 +222,11 @@ def test_help_lists_the_tasks_and_the_target(capsys):
 def test_bad_arguments_are_refused():
     with pytest.raises(SystemExit, match="--epochs must be at least 1"):
         demo.main(["--epochs", "0"])
+    for lr, shown in (("nan", "nan"), ("inf", "inf"), ("0", "0.0"), ("-1e-3", "-0.001")):
+        with pytest.raises(SystemExit, match=f"--lr must be a positive number; got {shown}"):
+            demo.main(["--lr", lr])
+    with pytest.raises(SystemExit, match="--seed must be at least 0; got -1"):
+        demo.main(["--seed", "-1"])
     with pytest.raises(SystemExit, match="--model applies to --task calc only"):
         demo.main(["--task", "sst", "--model", "rntn"])
 
@@ -283,6 +290,14 @@ def test_calc_with_another_model(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "model tree_fc" in out and "operator-leaf" in out
     assert math.isfinite(result["history"][0]["loss"])
+
+
+def test_sst_with_an_empty_split_stops_before_training(tmp_path):
+    for name in ("train", "dev", "test"):
+        (tmp_path / f"{name}.txt").write_text("(1 (2 a) (3 b))\n" if name != "test" else "\n")
+    with pytest.raises(SystemExit, match=r"test\.txt holds no trees"):
+        demo.main(["--task", "sst", "--data", str(tmp_path), "--checkpoint-dir", str(tmp_path / "ck")])
+    assert not (tmp_path / "ck").exists()
 
 
 def test_sst_runs_on_the_synthetic_sample_with_glove_vectors(capsys, tmp_path):

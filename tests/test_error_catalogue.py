@@ -283,6 +283,7 @@ def inside_jit(fn):
 # id -> (trigger, exception type, pattern the message must match: names the node or field)
 CASES = {
     "tree-child-not-tree": (lambda: rj.Tree(1.0, [2.0]), TypeError, r"child 0 is a float"),
+    "tree-children-not-list": (lambda: rj.Tree(1.0, rj.Tree(2.0)), TypeError, r"list of Tree objects; got a Tree\. Write rj\.Tree\(data, \[child\]\)"),
     "trees-single-tree": (lambda: rj.Forest.from_trees(rj.Tree(1.0)), TypeError, r"takes a list of trees; wrap one tree as \[tree\]"),
     "trees-not-iterable": (lambda: rj.Forest.from_trees(None), TypeError, r"from_trees takes a list of trees; got a NoneType"),
     "trees-empty": (lambda: rj.Forest.from_trees([]), ValueError, r"empty forest: Forest.from_trees got no trees"),

@@ -418,6 +418,10 @@ def test_fit_rejects_misaligned_labels_and_bad_eval_fn():
     kw = dict(SMALL_KW, epochs=1, progress=False)
     with pytest.raises(ValueError, match=r"labels must be arrays with one row per tree \(6 rows\)"):
         fit(size_loss, jnp.array(0.0), SMALL, **dict(kw, labels=np.zeros(5)))
+    # A plain list is one array (as in Forest.from_parents): the same run as its array.
+    as_list = fit(size_loss, jnp.array(0.0), SMALL, **dict(kw, labels=kw["labels"].tolist()))
+    as_array = fit(size_loss, jnp.array(0.0), SMALL, **kw)
+    assert float(as_list.params) == float(as_array.params) != 0.0
     with pytest.raises(ValueError, match="eval_fn and eval_trees together"):
         fit(size_loss, jnp.array(0.0), SMALL, eval_trees=SMALL, **kw)
     with pytest.raises(TypeError, match=r"dict of \(sum, count\) pairs.*'mse' is a"):
