@@ -224,9 +224,9 @@ def test_bad_arguments_are_refused():
         demo.main(["--epochs", "0"])
     for lr, shown in (("nan", "nan"), ("inf", "inf"), ("0", "0.0"), ("-1e-3", "-0.001")):
         with pytest.raises(SystemExit, match=f"--lr must be a positive number; got {shown}"):
-            demo.main(["--lr", lr])
+            demo.main([f"--lr={lr}"])
     with pytest.raises(SystemExit, match="--seed must be at least 0; got -1"):
-        demo.main(["--seed", "-1"])
+        demo.main(["--seed=-1"])
     with pytest.raises(SystemExit, match="--model applies to --task calc only"):
         demo.main(["--task", "sst", "--model", "rntn"])
 
