@@ -357,6 +357,11 @@ class Forest:
         forests = list(forests)
         if not forests:
             raise ValueError("Forest.pad_all got no forests.")
+        for i, f in enumerate(forests):
+            if not isinstance(f, Forest):
+                raise TypeError(
+                    f"Forest.pad_all takes a list of Forests; item {i} is a {type(f).__name__}."
+                )
         kinds = {f._meta.kinds for f in forests}
         if len(kinds) > 1:
             raise ValueError(
@@ -502,7 +507,8 @@ class Forest:
         """Reduces per-node ``values`` over each tree: ``[len(roots), ...]``, aligned with ``roots``.
 
         ``values`` is a pytree with leading axis ``num_nodes`` (what ``f.batch`` returns);
-        ``op`` is ``"sum"``, ``"mean"`` or ``"max"``. Works under ``jit``; padding nodes
+        ``op`` is ``"sum"``, ``"mean"`` or ``"max"`` (of bools: a count, a fraction, any).
+        Works under ``jit``; padding nodes
         and padding roots contribute nothing (a padding root's entry is 0).
 
         Raises:
@@ -536,6 +542,9 @@ class Forest:
                     f"Forest.pool: values need a leading axis of num_nodes = "
                     f"{self._meta.num_nodes}, got shape {v.shape}."
                 )
+            if v.dtype == jnp.bool_:  # sum: a count, mean: a fraction, max: any
+                reduced = one(v.astype(jnp.float32 if op == "mean" else jnp.int32))
+                return reduced.astype(jnp.bool_) if op == "max" else reduced
             seg = self.tree_of
             if op == "max":
                 out = jax.ops.segment_max(v, seg, num)
@@ -565,6 +574,9 @@ class Forest:
         """The children of node ``i``, in order (host only)."""
         if self.child_ptr is None:
             raise ValueError("the children arrays of a Forest are not available inside jit.")
+        n = self.child_ptr.shape[0] - 1
+        if not (isinstance(i, (int, np.integer)) and not isinstance(i, bool) and 0 <= i < n):
+            raise IndexError(f"Forest.children: no node {i!r}; the nodes are 0 to {n - 1}.")
         return self.child_idx[self.child_ptr[i] : self.child_ptr[i + 1]]
 
     def __repr__(self) -> str:

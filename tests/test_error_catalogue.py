@@ -319,6 +319,8 @@ CASES = {
     "forest-cycle": (lambda: rj.Forest.from_children([[1], [2], [3], [1]]), ValueError, r"cycle through nodes 1 -> 2 -> 3 -> 1: node 1 is its own descendant"),
     "padded-inside-jit": (inside_jit(lambda f: f.padded()), ValueError, r"Forest.padded\(\) needs the host arrays"),
     "padded-too-few-roots": (lambda: forest().padded(num_roots=0), ValueError, r"num_roots=0 is less than the 1 roots"),
+    "pad-all-not-forest": (lambda: rj.Forest.pad_all([forest(), 3]), TypeError, r"Forest.pad_all takes a list of Forests; item 1 is a int"),
+    "children-index": (lambda: forest().children(-1), IndexError, r"Forest.children: no node -1; the nodes are 0 to 2"),
     "pad-all-empty": (lambda: rj.Forest.pad_all([]), ValueError, r"Forest.pad_all got no forests"),
     "plan-rebuilt": (inside_jit(lambda f: f.plan.num_steps), ValueError, r"rebuilt from its pytree leaves; its host plan is gone"),
     "children-inside-jit": (inside_jit(lambda f: f.children(0)), ValueError, r"children arrays of a Forest are not available inside jit"),

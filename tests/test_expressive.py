@@ -525,6 +525,15 @@ def test_pool_errors():
     assert dag.pool(jnp.ones(dag.num_nodes), "sum").tolist() == [2.0, 1.0]
 
 
+def test_pool_of_bools_counts_averages_and_ors():
+    forest = rj.Forest.from_parents([-1, 0, -1, 2, 2]).padded(num_roots=3)
+    flags = jnp.zeros(forest.num_nodes, bool).at[jnp.array([0, 4])].set(True)
+    assert forest.pool(flags, "sum").tolist() == [1, 1, 0]
+    np.testing.assert_allclose(forest.pool(flags, "mean"), [0.5, 1 / 3, 0.0])
+    assert forest.pool(flags, "max").tolist() == [True, True, False]
+    assert forest.pool(flags, "max").dtype == jnp.bool_
+
+
 # ---------------------------------------------------------------------- DAGs and scale
 
 
