@@ -210,6 +210,11 @@ class Vocab:
           >>> Vocab(["a", "b"]).encode(["b", "a", "zzz"]).tolist()
           [3, 2, 0]
         """
+        if isinstance(tokens, str):
+            raise TypeError(
+                f"Vocab.encode takes a list of words; got the str {tokens[:40]!r}. Split it "
+                "first (text.split())."
+            )
         return np.asarray([self[t] for t in tokens], dtype=np.int32)
 
 
@@ -442,8 +447,18 @@ def parse_sst(
 
 
 def _read_text(path: PathLike) -> str:
-    with open(path, encoding="utf-8") as f:
-        return f.read()
+    """A UTF-8 file's text (a leading byte-order mark dropped); a file that is not UTF-8
+    is refused naming the line."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(
+            f"{path}, line {line}: byte {raw[e.start]:#04x} is not UTF-8 ({e.reason}). "
+            "Convert the file to UTF-8 (for example iconv -f latin1 -t utf-8)."
+        ) from None
 
 
 def read_sst(path: PathLike, vocab: Vocab | Mapping[str, int] | None = None) -> list[Tree]:
@@ -500,7 +515,13 @@ def to_sst_string(tree: Tree, vocab: Vocab) -> str:
         if isinstance(t, str):
             out.append(t)
         elif t.is_leaf:
-            out.append(f"({int(t.data['label'])} {vocab.words[int(t.data['token'])]})")
+            token = int(t.data["token"])
+            if not 0 <= token < len(vocab):
+                raise ValueError(
+                    f"to_sst_string: a leaf has token {token}, outside the vocabulary's "
+                    f"{len(vocab)} ids; pass the Vocab the trees were encoded with."
+                )
+            out.append(f"({int(t.data['label'])} {vocab.words[token]})")
         else:
             out.append(f"({int(t.data['label'])} ")
             stack.append(")")
@@ -709,6 +730,11 @@ def with_ast_kinds(tree: Tree) -> Tree:
         stack.extend(t.children)
     copies: dict[int, Tree] = {}
     for t in reversed(order):  # children are copied before their parents
+        if not (isinstance(t.data, Mapping) and "kind" in t.data):
+            raise ValueError(
+                "with_ast_kinds takes trees made by from_ast (or python_functions), whose "
+                f"nodes hold {{'kind': id}}; a node holds {t.data!r:.80}."
+            )
         kind = AST_KINDS[int(np.asarray(t.data["kind"]))]
         copies[id(t)] = Tree(t.data, [copies[id(c)] for c in t.children], kind=kind)
     return copies[id(tree)]
@@ -1032,19 +1058,23 @@ def from_nested(obj: Any, dtype: Any = None, fill: Any = None) -> Tree:
     if dtype is None:
         dtype = np.float32 if "f" in kinds else np.bool_ if kinds == {"b"} else np.int32
     scalar = np.dtype(dtype).type
-    for d in leaves:
-        value = d["value"]
+
+    def convert(value, what):
         try:
-            with np.errstate(over="ignore"):
-                d["value"] = scalar(value)
-        except OverflowError:  # a Python int out of range
-            d["value"] = None
-        if not _fits(value, d["value"], np.dtype(dtype)):
+            with np.errstate(over="ignore", invalid="ignore"):
+                cast = scalar(value)
+        except (OverflowError, ValueError):  # a Python int out of range; NaN or inf to an int
+            cast = None
+        if not _fits(value, cast, np.dtype(dtype)):
             raise ValueError(
-                f"from_nested: leaf value {value} does not fit {np.dtype(dtype)}; pass a "
-                "wider dtype."
+                f"from_nested: {what} {value} does not fit {np.dtype(dtype)}; pass a "
+                "wider dtype (a float dtype for NaN or inf)."
             ) from None
-    fill_value = scalar(0 if fill is None else fill)
+        return cast
+
+    for d in leaves:
+        d["value"] = convert(d["value"], "leaf value")
+    fill_value = convert(0 if fill is None else fill, "fill")
     for d in internal:
         d["value"] = fill_value
     return tree

@@ -379,8 +379,11 @@ def parse_lines(text: str) -> tuple[list[rj.Tree], np.ndarray]:
         value_text, sep, expr = line.partition("\t")
         if not sep:
             raise ValueError(f"line {number}: expected '<value>\\t<expression>', got {line!r}.")
-        tree = parse_expression(expr)
-        value = int(value_text)
+        try:
+            tree = parse_expression(expr)
+            value = int(value_text)
+        except ValueError as e:
+            raise ValueError(f"line {number}: {e}") from None
         if evaluate_tree(tree) != value:
             raise ValueError(
                 f"line {number}: {expr} evaluates to {evaluate_tree(tree)}, not {value}."

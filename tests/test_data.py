@@ -86,6 +86,25 @@ def test_sst_round_trip_every_sample_line():
         ]
 
 
+def test_sst_files_are_utf8_with_or_without_a_byte_order_mark(tmp_path):
+    vocab = data.Vocab(["good", "café"])
+    path = tmp_path / "bom.txt"
+    path.write_bytes("\ufeff(3 (2 café) (4 good))\n".encode())
+    (tree,) = data.read_sst(path, vocab)
+    assert data.to_sst_string(tree, vocab) == "(3 (2 café) (4 good))"
+    path.write_bytes("(3 (2 good) (4 good))\n(1 (2 caf\xe9) (3 good))\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}, line 2: byte 0xe9 is not UTF-8"):
+        data.read_sst(path, vocab)
+    with pytest.raises(ValueError, match="line 2: byte 0xe9"):
+        data.sst_sentences(path)
+    with pytest.raises(ValueError, match="a leaf has token 9, outside the vocabulary's 4 ids"):
+        data.to_sst_string(rj.Tree({"token": 9, "label": 1}), vocab)
+    with pytest.raises(TypeError, match="Vocab.encode takes a list of words; got the str 'ab'"):
+        vocab.encode("ab")
+    with pytest.raises(ValueError, match=r"with_ast_kinds takes trees made by from_ast.*a node holds 1\.0"):
+        data.with_ast_kinds(rj.Tree(1.0))
+
+
 def test_sst_oov_and_default_vocab():
     splits = data.load_sst(SAMPLE)
     train_words = {w for s in data.sst_sentences(SAMPLE / "train.txt") for w in s}
@@ -448,6 +467,11 @@ def test_from_nested_errors():
         with pytest.raises(ValueError, match="does not fit"):
             data.from_nested([leaf, 1], dtype=dtype)
     assert data.to_nested(data.from_nested([np.int64(7), np.float32(np.inf)])) == [7.0, np.inf]
+    with pytest.raises(ValueError, match=r"leaf value nan does not fit int32.*a float dtype for NaN"):
+        data.from_nested([1, float("nan")], dtype=np.int32)
+    for fill, dtype in [(2**40, None), (-1, np.uint8)]:
+        with pytest.raises(ValueError, match=f"fill {fill} does not fit"):
+            data.from_nested([1], fill=fill, dtype=dtype)
 
 
 def test_deep_inputs_convert_without_recursion_error():

@@ -154,6 +154,10 @@ def test_parser_rejects_malformed(bad):
 def test_wrong_label_is_rejected():
     with pytest.raises(ValueError, match="evaluates to 11"):
         demo.parse_lines("7\t(+ 3 (* 2 4))")
+    with pytest.raises(ValueError, match=r"line 2: invalid literal for int\(\) with base 10: 'abc'"):
+        demo.parse_lines("3\t(+ 1 2)\nabc\t(+ 1 2)")
+    with pytest.raises(ValueError, match="line 1: cannot parse"):
+        demo.parse_lines("3\t(+ 1 2")
 
 
 # ---------------------------------------------------------------------- encodings
