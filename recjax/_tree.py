@@ -44,6 +44,13 @@ class Tree:
                     f"Tree children must be Tree objects; child {i} is a "
                     f"{type(child).__name__}. Wrap leaves as rj.Tree(data)."
                 )
+        try:
+            hash(kind)
+        except TypeError:
+            raise TypeError(
+                f"Tree kind must be hashable, a str such as 'Call' (or None); got a "
+                f"{type(kind).__name__}."
+            ) from None
         self.data = data
         self.children = children
         self.kind = kind

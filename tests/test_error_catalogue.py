@@ -284,6 +284,7 @@ def inside_jit(fn):
 CASES = {
     "tree-child-not-tree": (lambda: rj.Tree(1.0, [2.0]), TypeError, r"child 0 is a float"),
     "tree-children-not-list": (lambda: rj.Tree(1.0, rj.Tree(2.0)), TypeError, r"list of Tree objects; got a Tree\. Write rj\.Tree\(data, \[child\]\)"),
+    "tree-kind-unhashable": (lambda: rj.Tree(1.0, kind=["Call"]), TypeError, r"Tree kind must be hashable, a str such as 'Call' \(or None\); got a list"),
     "trees-single-tree": (lambda: rj.Forest.from_trees(rj.Tree(1.0)), TypeError, r"takes a list of trees; wrap one tree as \[tree\]"),
     "trees-not-iterable": (lambda: rj.Forest.from_trees(None), TypeError, r"from_trees takes a list of trees; got a NoneType"),
     "trees-empty": (lambda: rj.Forest.from_trees([]), ValueError, r"empty forest: Forest.from_trees got no trees"),
