@@ -31,7 +31,9 @@ class Tree:
     __slots__ = ("children", "data", "kind")
 
     def __init__(self, data: Any, children: Iterable[Tree] = (), kind: Any = None):
-        if isinstance(children, Tree) or not isinstance(children, Iterable):
+        if not isinstance(children, (tuple, list)) and (
+            isinstance(children, Tree) or not isinstance(children, Iterable)
+        ):
             raise TypeError(
                 f"Tree children must be a list of Tree objects; got a "
                 f"{type(children).__name__}. Write rj.Tree(data, [child]) for one child and "
@@ -45,7 +47,7 @@ class Tree:
                     f"{type(child).__name__}. Wrap leaves as rj.Tree(data)."
                 )
         try:
-            hash(kind)
+            kind is None or hash(kind)
         except TypeError:
             raise TypeError(
                 f"Tree kind must be hashable, a str such as 'Call' (or None); got a "
