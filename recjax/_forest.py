@@ -507,7 +507,9 @@ class Forest:
         """Reduces per-node ``values`` over each tree: ``[len(roots), ...]``, aligned with ``roots``.
 
         ``values`` is a pytree with leading axis ``num_nodes`` (what ``f.batch`` returns);
-        ``op`` is ``"sum"``, ``"mean"`` or ``"max"`` (of bools: a count, a fraction, any).
+        ``op`` is ``"sum"``, ``"mean"`` or ``"max"``, in ``jnp.sum``'s (``mean``'s, ``max``'s)
+        dtypes and precision: bools give a count, a fraction, any; int8 sums are int32;
+        float16 and bfloat16 accumulate in float32.
         Works under ``jit``; padding nodes
         and padding roots contribute nothing (a padding root's entry is 0).
 
@@ -542,19 +544,7 @@ class Forest:
                     f"Forest.pool: values need a leading axis of num_nodes = "
                     f"{self._meta.num_nodes}, got shape {v.shape}."
                 )
-            if v.dtype == jnp.bool_:  # sum: a count, mean: a fraction, max: any
-                reduced = one(v.astype(jnp.float32 if op == "mean" else jnp.int32))
-                return reduced.astype(jnp.bool_) if op == "max" else reduced
-            seg = self.tree_of
-            if op == "max":
-                out = jax.ops.segment_max(v, seg, num)
-                count = jax.ops.segment_sum(jnp.ones_like(seg), seg, num)
-                return jnp.where((count > 0).reshape((-1,) + (1,) * (v.ndim - 1)), out, 0)
-            out = jax.ops.segment_sum(v, seg, num)
-            if op == "sum":
-                return out
-            count = jax.ops.segment_sum(jnp.ones(seg.shape, v.dtype), seg, num)
-            return out / jnp.maximum(count, 1).reshape((-1,) + (1,) * (v.ndim - 1))
+            return segment_reduce(op, v, self.tree_of, num)
 
         return jax.tree.map(one, values)
 
@@ -593,6 +583,35 @@ class Forest:
     @classmethod
     def tree_unflatten(cls, meta, children):
         return cls(meta=meta, arrays=children[0])
+
+
+# ---------------------------------------------------------------------- reductions
+
+
+def segment_reduce(op: str, v, segment, n: int, indices_are_sorted: bool = False):
+    """``[n, ...]``: row ``s`` reduces the rows of ``v`` whose ``segment`` is ``s`` with
+    ``op`` (sum, mean, max, min), in the dtype and precision ``jnp.sum`` (``mean``,
+    ``max``, ``min``) over those rows would give: bools and small ints sum to int32,
+    means of ints are float32, float16 and bfloat16 accumulate in float32. An empty
+    segment is 0."""
+    dense = {"sum": jnp.sum, "mean": jnp.mean, "max": jnp.max, "min": jnp.min}[op]
+    out = jax.eval_shape(lambda x: dense(x, axis=0), jax.ShapeDtypeStruct(v.shape, v.dtype)).dtype
+    if op in ("max", "min"):
+        seg = jax.ops.segment_max if op == "max" else jax.ops.segment_min
+        r = seg(v, segment, n, indices_are_sorted=indices_are_sorted).astype(out)
+        count = jax.ops.segment_sum(jnp.ones(segment.shape, jnp.int32), segment, n,
+                                    indices_are_sorted=indices_are_sorted)
+        # Every row of a plan owns at least one edge (see the planner); in ``pool`` a
+        # padding root owns no node: 0 rather than -inf.
+        return jnp.where((count > 0).reshape((-1,) + (1,) * (v.ndim - 1)), r, jnp.zeros_like(r))
+    narrow = jnp.issubdtype(out, jnp.floating) and jnp.finfo(out).bits < 32
+    acc = jnp.float32 if narrow else out
+    s = jax.ops.segment_sum(v.astype(acc), segment, n, indices_are_sorted=indices_are_sorted)
+    if op == "mean":
+        count = jax.ops.segment_sum(jnp.ones(segment.shape, acc), segment, n,
+                                    indices_are_sorted=indices_are_sorted)
+        s = s / jnp.maximum(count, 1).reshape((-1,) + (1,) * (v.ndim - 1))
+    return s.astype(out)
 
 
 # ---------------------------------------------------------------------- validation

@@ -21,7 +21,7 @@ from jax.custom_batching import custom_vmap
 from jax.extend.core import ClosedJaxpr, DebugInfo, Jaxpr, Var, jaxpr_as_fun
 
 from . import _executor
-from ._forest import MAX_SPECIALISED_ARITIES, Forest
+from ._forest import MAX_SPECIALISED_ARITIES, Forest, segment_reduce
 from ._tree import Position, Tree
 
 _DATA_FLOW_ERRORS = (
@@ -311,16 +311,7 @@ def _dense_reduce(op, v):
 
 
 def _segment_reduce(op, v, segment, n):
-    count = jax.ops.segment_sum(jnp.ones(segment.shape, v.dtype), segment, n)
-    count = count.reshape(count.shape + (1,) * (v.ndim - 1))
-    if op in ("sum", "mean"):
-        s = jax.ops.segment_sum(v, segment, n, indices_are_sorted=True)
-        return s if op == "sum" else s / jnp.maximum(count, 1)
-    seg = jax.ops.segment_max if op == "max" else jax.ops.segment_min
-    r = seg(v, segment, n, indices_are_sorted=True)
-    # Every row owns at least one edge (see the planner); this guard only keeps an
-    # empty segment at 0 rather than -inf should that ever change.
-    return jnp.where(count > 0, r, jnp.zeros_like(r))
+    return segment_reduce(op, v, segment, n, indices_are_sorted=True)
 
 
 # ---------------------------------------------------------------------- nodes

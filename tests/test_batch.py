@@ -275,6 +275,56 @@ def test_reductions_mean_max_min_with_initial():
     assert_trees_close(f.batch(forest), eager_all_nodes(f, (), trees))
     np.testing.assert_allclose(g.batch(forest), eager_all_nodes(g, (), trees), rtol=1e-5)
 
+    def plain(t):  # f in plain Python numbers: independent of recjax's reductions
+        kids = [plain(c)[0] for c in t.children]
+        return [t.data + max(kids + [-1.0]), t.data + min(kids + [5.0]), sum(kids) + 0.25]
+
+    got = np.asarray(f.batch(forest)[0])[forest.roots]
+    np.testing.assert_allclose(got, [plain(t) for t in trees], rtol=1e-5, atol=1e-5)
+
+
+def test_reductions_have_jnp_dtypes_and_precision():
+    """A reduction over children (and Forest.pool) gives what jnp.sum/mean/max over
+    them gives: bools count (int32) and 'any', float16 and bfloat16 accumulate in
+    float32, small ints widen to int32 (a leaf returning int8 is then a dtype error)."""
+    @rj.recursive
+    def counts(node):  # how many children are positive, and whether any is
+        x = node.data
+        pos = node.children.map(lambda c: counts(c)[0] > 0)
+        return x, pos.sum(initial=jnp.int32(0)), pos.max(initial=jnp.bool_(False))
+
+    rng = np.random.default_rng(3)
+    trees = [random_tree(rng, 15, 5, lambda i: np.float32(rng.normal())) for _ in range(4)]
+    forest = rj.Forest.from_trees(trees)
+    _, n_pos, any_pos = counts.batch(forest)
+    want = [(sum(c.data > 0 for c in t.children), any(c.data > 0 for c in t.children)) for t in trees]
+    assert [(int(n_pos[r]), bool(any_pos[r])) for r in forest.roots] == want
+    assert n_pos.dtype == jnp.int32 and any_pos.dtype == jnp.bool_
+    assert_trees_close(counts.batch(forest), eager_all_nodes(counts, (), trees))
+
+    @rj.recursive
+    def total(node):
+        if node.is_leaf:
+            return node.data, node.data
+        kids = node.children.map(lambda c: total(c)[0])
+        return node.data + kids.sum(), kids.mean()
+
+    for dtype in (jnp.float16, jnp.bfloat16):
+        wide = rj.Tree(jnp.asarray(0, dtype), [rj.Tree(jnp.asarray(0.1, dtype)) for _ in range(3000)])
+        wide_forest = rj.Forest.from_trees([wide])
+        s, m = total.batch(wide_forest)
+        assert s.dtype == dtype
+        np.testing.assert_allclose(float(s[0]), 300.0, rtol=1e-2)  # 256 (float16), 32 (bfloat16) before
+        np.testing.assert_allclose(float(m[0]), 0.1, rtol=1e-2)
+        np.testing.assert_allclose(float(total(wide)[0]), float(s[0]), rtol=1e-2)
+        pooled = wide_forest.pool(jnp.full(wide_forest.num_nodes, 0.1, dtype), "sum")
+        np.testing.assert_allclose(float(pooled[0]), 300.1, rtol=1e-2)
+
+    int8 = rj.Forest.from_trees([rj.Tree(np.int8(1), [rj.Tree(np.int8(1)) for _ in range(200)])])
+    with pytest.raises(TypeError, match=r"returns \('int32\[\]', 'float32\[\]'\) at an internal node but \('int8\[\]', 'int8\[\]'\) at a leaf"):
+        total.batch(int8)  # eager: int32 at the root, int8 at the leaves; 200 wrapped to -56 before
+    assert int8.pool(jnp.ones(int8.num_nodes, jnp.int8), "sum").tolist() == [201]
+
 
 def test_padding_never_makes_nan_gradients():
     # sqrt and log have infinite derivatives at 0: padding rows must not read zeros.
