@@ -196,7 +196,7 @@ def run_up(fns: list[PassFn], dynamic, env: dict, arrays: dict, key: PlanKey, ro
             edges = Edges(edge_child, segment, position)
             for f in fns:
                 ctx = _ctx(own, rows)
-                if any(isinstance(s, tuple) and s[0] == "kind" for s in f.templates):
+                if any(isinstance(s, tuple) and s[0] == "kind" and s[2] != 0 for s in f.templates):
                     # Every row of a step has one kind (see the planner): run that kind's
                     # templates only, under a switch. The rows a template may read (its
                     # children's and its own) are gathered first, outside the switch, and

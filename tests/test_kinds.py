@@ -119,6 +119,43 @@ def by_lookup(p, node):
     return jnp.tanh(x + h @ p["U"][node.data["kind"]])
 
 
+def test_kind_read_in_one_branch_only():
+    """node.kind read only at leaves (per-kind leaf blocks, one internal template), or
+    only at internal nodes: values and gradients equal plain recursion. The Num leaves
+    take a log that is -inf at the Var leaf's data: a padding row of the Num block must
+    read a Num leaf (leaf 0 is a Var here), or the gradient is NaN."""
+    @rj.recursive
+    def at_leaves(w, node):
+        if node.is_leaf:
+            return w * jnp.log(node.data) if node.kind == "Num" else w
+        return node.children.map(lambda c: at_leaves(w, c)).sum() + node.data
+
+    @rj.recursive
+    def inside(w, node):
+        if node.is_leaf:
+            return w * node.data
+        kids = node.children.map(lambda c: inside(w, c))
+        return kids.sum() if node.kind == "Add" else kids.max() * w
+
+    Var = lambda: rj.Tree(np.float32(0.0), kind="Var")
+    Num = lambda v: rj.Tree(np.float32(v), kind="Num")
+    chain = Num(5.0)
+    for v in (4.0, 3.0):
+        chain = rj.Tree(np.float32(0.5), [Num(v), chain], kind="Add")
+    trees = [rj.Tree(np.float32(1.0), [Var(), chain], kind="Mul"),
+             rj.Tree(np.float32(2.0), [Num(1.5), Var(), Num(2.5)], kind="Add")]
+    forest = rj.Forest.from_trees(trees, kinds=["Var", "Num", "Add", "Mul"])
+    assert forest.plan.key.leaf_blocks[1][1] > 5  # the Num block holds padding rows
+    w = jnp.float32(0.5)
+    for f in (at_leaves, inside):
+        want = jnp.stack([f(w, p) for p in positions(trees)])
+        np.testing.assert_allclose(f.batch(w, forest), want, rtol=1e-5)
+        g = jax.grad(lambda w: jnp.sum(f.batch(w, forest)))(w)
+        g_want = jax.grad(lambda w: sum(f(w, p) for p in positions(trees)))(w)
+        assert np.isfinite(g)
+        np.testing.assert_allclose(g, g_want, rtol=1e-5)
+
+
 def test_static_kinds_equal_weight_lookup_on_code_trees():
     plain = stdlib_functions()[:12]
     trees = [with_ast_kinds(t) for t in plain]
