@@ -525,6 +525,28 @@ def test_pool_errors():
     assert dag.pool(jnp.ones(dag.num_nodes), "sum").tolist() == [2.0, 1.0]
 
 
+def test_pool_on_padded_forests_and_tree_of_a_shared_node():
+    """Padding nodes count in no tree; a padding root's entry is 0 (not -inf for max),
+    whether the forest is padded in roots or only in nodes. A node under several roots
+    belongs to its first parent's tree."""
+    for parents in ([-1, 0, 0, -1, 3, -1, -1, -1, -1, -1], [-1, 0, 0, -1, 3, -1, -1, -1, -1]):
+        forest = rj.Forest.from_parents(parents, {"x": np.zeros(len(parents))}).padded()
+        n, r = forest.num_nodes, len(forest.roots)
+        assert n > len(parents)
+        v = jnp.where(forest.node_mask, jnp.arange(n, dtype=jnp.float32) + 1.0, 100.0)  # padding: 100
+        real = len(parents) - 3  # trees of the real roots: {1, 2, 3}, {4, 5}, then one node each
+        want_mean, want_max = np.zeros(r), np.zeros(r)
+        want_mean[:real] = [2.0, 4.5, *range(6, len(parents) + 1)]
+        want_max[:real] = [3.0, 5.0, *range(6, len(parents) + 1)]
+        np.testing.assert_allclose(forest.pool(v, "mean"), want_mean)
+        np.testing.assert_allclose(forest.pool(v, "max"), want_max)
+        want_min = np.zeros(r)
+        want_min[:real] = [1.0, 4.0, *range(6, len(parents) + 1)]
+        np.testing.assert_allclose(forest.pool(-v, "max"), -want_min)  # padding roots: 0 still
+    dag = rj.Forest.from_children([[2], [2], []])  # node 2: under root 0 (first) and root 1
+    assert dag.tree_of.tolist() == [0, 1, 0]
+
+
 def test_pool_of_bools_counts_averages_and_ors():
     forest = rj.Forest.from_parents([-1, 0, -1, 2, 2]).padded(num_roots=3)
     flags = jnp.zeros(forest.num_nodes, bool).at[jnp.array([0, 4])].set(True)

@@ -400,6 +400,7 @@ def test_metric_helpers_match_plain_numpy():
     logits_n, labels_n = rng.normal(size=(n, 5)), rng.integers(0, 5, n)
     logits_r, labels_r = rng.normal(size=(r, 5)), rng.integers(0, 5, r)
     labels_r[:3] = 2  # neutral roots, left out of the binary score
+    labels_r[3:7] = [3, 3, 1, 4]  # every other label, 3 (positive) included
 
     correct, count = node_accuracy(logits_n, labels_n, forest)
     assert (int(correct), int(count)) == (np.sum((logits_n.argmax(1) == labels_n)[nm]), 11)
