@@ -460,3 +460,52 @@ def test_a_scanned_cell_stacks_fewer_arrays():
     w, xs = jnp.eye(3), jnp.ones((7, 3))
     size = lambda f: jax.jit(jax.grad(f)).lower(w, xs).compile().memory_analysis().temp_size_in_bytes
     assert size(cell(nn.sigmoid, nn.tanh)) < size(cell(jax.nn.sigmoid, jnp.tanh))
+
+
+def test_models_equal_their_documented_equations():
+    """child_attention, tree_gru and tree_fc against their docstrings' equations written
+    out here in plain jnp (the other tests compare each model with its own eager call,
+    which shares the model's code), and the Child-Sum forget-gate bias starts at 1."""
+    key = jax.random.key(0)
+    tree = rj.Tree({"token": 0}, [rj.Tree({"token": 1}),
+                                  rj.Tree({"token": 2}, [rj.Tree({"token": 3}), rj.Tree({"token": 4})]),
+                                  rj.Tree({"token": 2})])
+    forest = rj.Forest.from_trees([tree])
+
+    p = jax.tree.map(lambda a: 3.0 * a, nn.init_child_attention(key, vocab=5, embed=3, hidden=4, attention=6))
+
+    def attention(t):  # scores = q . (h W_k) / sqrt(attention), softmax over the children
+        x = p["emb"][t.data["token"]]
+        if not t.children:
+            return jnp.tanh(x @ p["W"] + p["b"])
+        hs = [attention(c) for c in t.children]
+        q = x @ p["W_q"]
+        w = jax.nn.softmax(jnp.stack([q @ (h @ p["W_k"]) / jnp.sqrt(6.0) for h in hs]))
+        return jnp.tanh(x @ p["W"] + sum(wi * h for wi, h in zip(w, hs)) @ p["U"] + p["b"])
+
+    np.testing.assert_allclose(nn.child_attention.roots(p, forest)[0], attention(tree), atol=1e-5)
+
+    g = jax.tree.map(lambda a: a + 0.3, nn.init_tree_gru(key, vocab=5, embed=3, hidden=4))
+
+    def gru(t):  # z * h_sum + (1 - z) * candidate; the reset gate per child
+        x = g["emb"][t.data["token"]]
+        hs = [gru(c) for c in t.children]
+        h_sum = sum(hs, jnp.zeros(4))
+        z = jax.nn.sigmoid(x @ g["W_z"] + h_sum @ g["U_z"] + g["b_z"])
+        r_h = sum((jax.nn.sigmoid(x @ g["W_r"] + h @ g["U_r"] + g["b_r"]) * h for h in hs), jnp.zeros(4))
+        return z * h_sum + (1 - z) * jnp.tanh(x @ g["W_h"] + r_h @ g["U_h"] + g["b_h"])
+
+    np.testing.assert_allclose(nn.tree_gru.roots(g, forest)[0], gru(tree), atol=1e-5)
+
+    binary = rj.Tree({"token": 0}, [rj.Tree({"token": 1}),
+                                    rj.Tree({"token": 0}, [rj.Tree({"token": 3}), rj.Tree({"token": 4})])])
+    f = nn.init_tree_fc(key, vocab=5, hidden=4)
+
+    def fc(t):  # tanh([h_left, h_right] W + b)
+        if not t.children:
+            return f["emb"][t.data["token"]]
+        h_l, h_r = [fc(c) for c in t.children]
+        return jnp.tanh(jnp.concatenate([h_l, h_r]) @ f["W"] + f["b"])
+
+    np.testing.assert_allclose(nn.tree_fc.roots(f, rj.Forest.from_trees([binary]))[0], fc(binary), atol=1e-5)
+    np.testing.assert_array_equal(nn.init_child_sum_tree_lstm(key, vocab=5, embed=3, hidden=2)["b_f"], [1.0, 1.0])
