@@ -269,16 +269,20 @@ def run_down(fns: list[PassFn], dynamic, env: dict, arrays: dict, key: PlanKey, 
         is_root = rows.parent[rows_t] == rows_t
         for f in fns:
             o = _select_leaf(f, (False,), dynamic, {**env, **state}, data_t, ctx, leaf)
-            # The roots' rows hold their values from the start: rewritten here without
-            # a tangent, so that the write still adds each row's tangent once.
-            kept = jax.tree.map(lambda r: lax.stop_gradient(r[rows_t]), roots[f.fid])
+            # The roots' rows hold their values from the start, without a tangent (see
+            # below); written again here with it, so that each row's tangent is added
+            # once, at the root's step, before any real row reads it.
+            kept = jax.tree.map(lambda r: r[rows_t], roots[f.fid])
             o = jax.tree.map(lambda a, b: jnp.where(_rows_mask(is_root, a), b, a.astype(b.dtype)), o, kept)
             state = {**state, f.fid: _write_all(state[f.fid], o, rows_t[0])}
         return state
 
-    # Every root's row holds its value from the start: a non-root row whose parent is a
-    # root reads it whichever step the root is in (see ``_sources``).
-    state = dict(roots)
+    # Every root's row holds its value from the start: a row that reads a real non-root
+    # row's inputs (``_sources``) may read a root parent whose step comes later. Those
+    # rows' results are dropped, so the value carries no tangent: the root's own step
+    # writes it again with its tangent (``_write_rows`` adds tangents, so a tangent both
+    # here and there would count twice, at every order of differentiation).
+    state = jax.tree.map(lax.stop_gradient, roots)
     source_node = rows.node[rows.source]
     base = key.num_buffer_rows
     for phase, tables in reversed(list(zip(key.phases, arrays["phases"]))):

@@ -150,6 +150,48 @@ def test_up_to_two_blocks_of_leaves_run_as_one_op(monkeypatch):
     np.testing.assert_allclose(g, ge, rtol=1e-4, atol=1e-6)
 
 
+def test_second_derivatives_equal_plain_recursion():
+    """Hessians (forward-over-reverse and reverse-over-reverse) of a top-down function,
+    of a bottom-up one over children.map with child.index and of a fixed-arity one.
+    A top-down pass once carried the roots' tangent through a write the second
+    derivative did not see: first derivatives were right, Hessians were not."""
+    rng = np.random.default_rng(3)
+
+    @rj.recursive
+    def up(w, node):
+        x = node.data
+        if node.is_leaf:
+            return jnp.tanh(x * w[0])
+        return jnp.tanh(x * w[1] + node.children.map(lambda c: up(w, c) * w[2] * (c.index + 1)).sum())
+
+    @rj.recursive
+    def binary(w, node):
+        if node.is_leaf:
+            return jnp.tanh(node.data * w[0])
+        a, b = [binary(w, c) for c in node.children]
+        return jnp.tanh(node.data * w[1] + a * w[2] - b)
+
+    @rj.recursive
+    def down(w, node):
+        if node.is_root:
+            return jnp.tanh(node.data * w[0])
+        return jnp.sin(down(w, node.parent) * w[1] + w[2] * node.index)
+
+    def full(k):
+        return rj.Tree(np.float32(rng.normal()), [] if k == 0 else [full(k - 1), full(k - 1)])
+
+    trees = [full(3), full(1), rj.Tree(np.float32(0.3), [full(2), rj.Tree(np.float32(-1.0))])]
+    forest = rj.Forest.from_trees(trees)
+    positions = [q for t in trees for q in t.walk()]
+    w = jnp.array([0.5, 0.9, -0.7], jnp.float32)
+    for f in (up, binary, down):
+        batched = lambda w, f=f: jnp.sum(f.batch(w, forest) ** 2)
+        plain = lambda w, f=f: sum(f(w, q) ** 2 for q in positions)
+        want = jax.hessian(plain)(w)
+        np.testing.assert_allclose(jax.hessian(batched)(w), want, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(jax.jacrev(jax.jacrev(batched))(w), want, rtol=1e-4, atol=1e-4)
+
+
 # ---------------------------------------------------------------------- bidirectional
 
 
