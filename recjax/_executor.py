@@ -293,14 +293,14 @@ def run_down(fns: list[PassFn], dynamic, env: dict, arrays: dict, key: PlanKey, 
         def step(state, x, base=base, width=phase.width):
             data_t, t = x
             rows_t = base + t * width + jnp.arange(width, dtype=jnp.int32)
-            return compute(state, rows_t, data_t, jnp.zeros(width, bool)), None
+            return compute(state, rows_t, data_t, False), None
 
         state, _ = lax.scan(step, state, xs, reverse=True)
 
     def leaves(state, first, size):
         leaf_rows = first + jnp.arange(size, dtype=jnp.int32)
         leaf_data = take(data, source_node[leaf_rows])
-        return compute(state, leaf_rows, leaf_data, jnp.ones(leaf_rows.shape, bool))
+        return compute(state, leaf_rows, leaf_data, True)
 
     return _in_blocks(leaves, state, 0, num_leaf_rows)
 
@@ -357,12 +357,32 @@ def _rows_mask(mask, a):
 
 
 def _select_leaf(f: PassFn, prefix: tuple, dynamic, env, data, ctx, is_leaf):
-    """A top-down function's output: one template, or two selected by ``is_leaf``."""
+    """A top-down function's output: one template, or two selected by ``is_leaf`` (a
+    Python bool when every row is a leaf, or none is: then one template runs)."""
     if prefix + (None,) in f.templates:
         return apply_template(f.templates[prefix + (None,)], dynamic, env, data, ctx)
-    leaf = apply_template(f.templates[prefix + (True,)], dynamic, env, data, ctx)
-    inner = apply_template(f.templates[prefix + (False,)], dynamic, env, data, ctx)
+    if isinstance(is_leaf, bool):
+        return apply_template(f.templates[prefix + (is_leaf,)], dynamic, env, data, ctx)
+    run = lambda leaf: lambda data, ctx: apply_template(f.templates[prefix + (leaf,)], dynamic, env, data, ctx)
+    leaf = _on_own_rows(is_leaf, run(True), data, ctx)
+    inner = _on_own_rows(~is_leaf, run(False), data, ctx)
     return jax.tree.map(lambda a, b: jnp.where(_rows_mask(is_leaf, a), a, b), leaf, inner)
+
+
+def _on_own_rows(mine, fn, data, ctx):
+    """``fn(data, ctx)`` for the rows where ``mine`` holds; the others' results are dropped.
+
+    The other rows read the first ``mine`` row's inputs, so ``fn`` only ever sees a real
+    node of its kind (a leaf template never sees an internal node's data, a binary cell
+    never a unary node's missing child): a dropped row's zero cotangent times an
+    infinite derivative there (``log(0)``, ``sqrt(0)``) would make the gradient NaN.
+    With no ``mine`` row, ``fn`` is skipped (``lax.cond``) and the rows are zeros.
+    """
+    src = jnp.where(mine, jnp.arange(mine.shape[0], dtype=jnp.int32), jnp.argmax(mine).astype(jnp.int32))
+    take = lambda tree: jax.tree.map(lambda a: a[src], tree)
+    spec = jax.eval_shape(fn, data, ctx)
+    skip = lambda data, ctx: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), spec)
+    return lax.cond(jnp.any(mine), fn, skip, take(data), take(ctx))
 
 
 def _write_all(buffer, rows, first):
@@ -401,20 +421,32 @@ def _compute_up(templates: dict, dynamic, env, data, ctx, degree, start, edges: 
     """Outputs of one step's ``K`` rows (internal nodes and padding) for one function."""
     if "map" in templates:
         return apply_template(templates["map"], dynamic, env, data, ctx, edges)
-    out = None
     num_edges = edges.rows.shape[0]
-    for k, template in sorted((k, t) for k, t in templates.items() if isinstance(k, int) and k != 0):
-        j = jnp.arange(k)[None, :]
-        slot = jnp.minimum(start[:, None] + j, num_edges - 1)
-        # Rows of another arity run this template too (their result is discarded): their
-        # missing children read the row's own first child, so nothing crosses between
-        # trees, even as a zero cotangent times a NaN. Padding rows copy a real row.
-        own_first = edges.rows[start][:, None]
-        kids = jnp.where(j < degree[:, None], edges.rows[slot], own_first)
-        out_k = apply_template(template, dynamic, env, data, {**ctx, "children": kids})
-        if out is None:
-            out = out_k
-        else:
-            pick = degree == k
-            out = jax.tree.map(lambda a, b, m=pick: jnp.where(_rows_mask(m, a), a, b), out_k, out)
+    arities = sorted(k for k in templates if isinstance(k, int) and k != 0)
+
+    def run(k):
+        def fn(data, ctx):
+            j = jnp.arange(k)[None, :]
+            slot = jnp.minimum(ctx["start"][:, None] + j, num_edges - 1)
+            # A missing child (a step without real rows, whose copied node's degree
+            # does not divide the width) reads the row's own first child.
+            own_first = edges.rows[ctx["start"]][:, None]
+            kids = jnp.where(j < ctx["degree"][:, None], edges.rows[slot], own_first)
+            inputs = {n: v for n, v in ctx.items() if n not in ("start", "degree")}
+            return apply_template(templates[k], dynamic, env, data, {**inputs, "children": kids})
+
+        return fn
+
+    ctx = {**ctx, "start": start, "degree": degree}
+    if len(arities) == 1:  # every row has this arity (padding rows copy a real row)
+        return run(arities[0])(data, ctx)
+    # Each arity's template runs on the rows of that arity, the others reading such a
+    # row's inputs (``_on_own_rows``); a padding row has its real row's degree.
+    out = None
+    for k in arities:
+        out_k = _on_own_rows(degree == k, run(k), data, ctx)
+        pick = degree == k
+        out = out_k if out is None else jax.tree.map(
+            lambda a, b, m=pick: jnp.where(_rows_mask(m, a), a, b), out_k, out
+        )
     return out

@@ -406,6 +406,53 @@ X64_SCRIPT = textwrap.dedent(
 )
 
 
+def test_each_arity_and_leaf_template_reads_only_its_own_rows():
+    """Code valid at the nodes it runs on: a binary cell's sqrt(a - b) (a > b at every
+    binary node) meets unary and padded 3-child rows in its steps, and a top-down leaf
+    branch's log(x) (x > 0 at leaves only) meets internal roots. Their results are
+    dropped; gradients stay finite and equal plain recursion (NaN before: the other
+    rows' inputs went through the template)."""
+    @rj.recursive
+    def up(w, node):
+        x = node.data * w
+        if node.is_leaf:
+            return x
+        kids = [up(w, c) for c in node.children]
+        if len(kids) == 1:
+            return kids[0] + x
+        if len(kids) == 3:
+            return jnp.sqrt(kids[0] - kids[2]) + kids[1] + x  # kids[0] > kids[2]
+        return jnp.sqrt(kids[0] - kids[1]) + x  # kids[0] > kids[1]
+
+    @rj.recursive
+    def down(w, node):
+        base = jnp.float32(0.0) if node.is_root else down(w, node.parent)
+        if node.is_leaf:
+            return base + jnp.log(w * node.data)  # data > 0 at every leaf
+        return base + w
+
+    leaf = lambda v: rj.Tree(np.float32(v))
+    binary = rj.Tree(np.float32(0.0), [leaf(5.0), leaf(1.0)])
+    unary = rj.Tree(np.float32(0.0), [leaf(3.0)])
+    ternary = rj.Tree(np.float32(0.0), [leaf(5.0), leaf(1.0), leaf(2.0)])
+    w = jnp.float32(1.0)
+
+    def check(f, forest, trees, top_down=False):
+        nodes = [q if top_down else q.tree for t in trees for q in t.walk()]
+        real = forest.node_mask
+        got = jax.grad(lambda w: jnp.sum(jnp.where(real, f.batch(w, forest), 0.0)))(w)
+        want = jax.grad(lambda w: sum(f(w, q) for q in nodes))(w)
+        assert np.isfinite(got)
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+
+    check(up, rj.Forest.from_trees([binary, unary]), [binary, unary])
+    padded, _ = rj.Forest.pad_all([rj.Forest.from_trees([binary]), rj.Forest.from_trees([ternary])])
+    check(up, padded, [binary])
+    chain = rj.Tree(np.float32(0.0), [leaf(2.0), rj.Tree(np.float32(0.0), [leaf(3.0)])])
+    check(down, rj.Forest.from_trees([chain]), [chain], top_down=True)
+    check(down, rj.Forest.from_trees([chain, leaf(4.0)]), [chain, leaf(4.0)], top_down=True)
+
+
 def test_float64_matches_eager_and_float32_in_a_subprocess():
     # x64 is process-wide: never enable it in the test process
     tests = str(pathlib.Path(__file__).parent)
