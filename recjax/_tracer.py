@@ -794,8 +794,9 @@ class Recursive:
             names = ", ".join(f.rec._name for f in program.fns if f.direction == "down")
             raise ValueError(
                 f"top-down function(s) {names} need one parent per node, but node "
-                f"{meta.shared_node} of the forest has several (a DAG). Run top-down "
-                "passes on trees, or unshare the node (one copy per parent)."
+                f"{meta.shared_node} of the forest has several (a DAG, or one Tree passed "
+                "twice or also used as a child). Run top-down passes on trees, or unshare "
+                "the node (copy.deepcopy: one copy per parent or use)."
             )
         if meta.shared_node >= 0 and program.uses_rows:
             raise ValueError(

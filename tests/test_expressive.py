@@ -609,6 +609,8 @@ def test_top_down_over_a_dag_is_an_error_before_device_work():
     t = rj.Tree(1.0, [rj.Tree(2.0)])
     with pytest.raises(ValueError, match="node 0 of the forest has several"):
         depth.batch(rj.Forest.from_trees([t, rj.Tree(3.0, [t])]))
+    with pytest.raises(ValueError, match=r"node 0 of the forest has several \(a DAG, or one Tree passed twice"):
+        depth.batch(rj.Forest.from_trees([t, t]))
 
 
 def test_top_down_over_real_code_trees_and_a_deep_chain():
