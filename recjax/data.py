@@ -767,11 +767,13 @@ def from_ast(node: ast.AST) -> Tree:
 
 
 def _python_files(paths_or_modules: Any) -> list[pathlib.Path]:
-    items = (
-        [paths_or_modules]
-        if isinstance(paths_or_modules, (str, os.PathLike, types.ModuleType))
-        else list(paths_or_modules)
-    )
+    if isinstance(paths_or_modules, (str, bytes, os.PathLike, types.ModuleType)):
+        items = [paths_or_modules]
+    else:
+        try:
+            items = list(paths_or_modules)
+        except TypeError:
+            items = [paths_or_modules]  # not iterable: refused below, by its type
     files: list[pathlib.Path] = []
     for item in items:
         if isinstance(item, types.ModuleType):
@@ -785,6 +787,8 @@ def _python_files(paths_or_modules: Any) -> list[pathlib.Path]:
                 continue
             files.append(pathlib.Path(origin))
             continue
+        if isinstance(item, bytes):  # a path given as bytes
+            item = os.fsdecode(item)
         if not isinstance(item, (str, os.PathLike)):
             raise TypeError(
                 f"expected paths of .py files or folders, or modules; got a {type(item).__name__}."

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import collections
+import os
 import pathlib
 import random
 import re
@@ -339,6 +340,9 @@ def test_python_functions_inputs(tmp_path):
     assert len(data.python_functions([tmp_path / "pkg"], skip_errors=True)) == 3
     (tmp_path / "pkg" / "d.py").write_text("def w(): return '\\d'\n")  # a SyntaxWarning on 3.12+
     assert len(data.python_functions(tmp_path / "pkg" / "d.py")) == 1
+    assert len(data.python_functions(os.fsencode(tmp_path / "pkg" / "d.py"))) == 1  # a bytes path
+    with pytest.raises(TypeError, match="expected paths of .py files or folders, or modules; got a int"):
+        data.python_functions(3)
     with pytest.raises(FileNotFoundError, match="neither a file nor a folder"):
         data.python_functions("no/such/file.py")
     with pytest.raises(ValueError, match="no Python source"):
