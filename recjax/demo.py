@@ -819,6 +819,8 @@ def _glove_dim(path) -> int:
 
 def run_sst(args) -> dict:
     directory = pathlib.Path(args.data) if args.data else rdata.SST_SAMPLE_DIR
+    if not directory.is_dir():
+        raise SystemExit(f"--data {args.data}: no such folder (the sst task reads its train.txt, dev.txt and test.txt).")
     sample = directory.resolve() == pathlib.Path(rdata.SST_SAMPLE_DIR).resolve()
     splits = rdata.load_sst(directory)
     # Internal nodes have no word; they read the padding id (never a word) as input.
@@ -880,6 +882,8 @@ def run_sst(args) -> dict:
 def _ast_files(data: str | None) -> tuple[list[pathlib.Path], str]:
     if data:
         path = pathlib.Path(data)
+        if not path.exists():
+            raise SystemExit(f"--data {data}: no such file or folder.")
         files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
         return files, str(path)
     stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])

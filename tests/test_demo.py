@@ -229,6 +229,9 @@ def test_bad_arguments_are_refused():
     for lr, shown in (("nan", "nan"), ("inf", "inf"), ("0", "0.0"), ("-1e-3", "-0.001")):
         with pytest.raises(SystemExit, match=f"--lr must be a positive number; got {shown}"):
             demo.main([f"--lr={lr}"])
+    for task in ("sst", "ast"):
+        with pytest.raises(SystemExit, match="--data /no/such/path: no such"):
+            demo.main(["--task", task, "--data", "/no/such/path"])
     with pytest.raises(SystemExit, match="--seed must be at least 0; got -1"):
         demo.main(["--seed=-1"])
     with pytest.raises(SystemExit, match="--model applies to --task calc only"):
