@@ -224,7 +224,15 @@ def _lookup_fn(vocab: Vocab | Mapping[str, int] | None) -> Callable[[str], int]:
     if isinstance(vocab, Vocab):
         return vocab.__getitem__
     if isinstance(vocab, Mapping):
-        return lambda word: vocab.get(word, Vocab.UNK)
+        def lookup(word):
+            i = vocab.get(word, Vocab.UNK)
+            if not (isinstance(i, (int, np.integer)) and 0 <= i <= np.iinfo(np.int32).max):
+                raise ValueError(
+                    f"vocab maps {word!r} to {i!r}; word ids must be integers in 0 .. 2**31 - 1."
+                )
+            return i
+
+        return lookup
     raise TypeError(f"vocab must be a Vocab or a dict of word ids; got a {type(vocab).__name__}.")
 
 

@@ -104,6 +104,10 @@ def test_sst_files_are_utf8_with_or_without_a_byte_order_mark(tmp_path):
         vocab.encode("ab")
     with pytest.raises(ValueError, match=r"with_ast_kinds takes trees made by from_ast.*a node holds 1\.0"):
         data.with_ast_kinds(rj.Tree(1.0))
+    assert int(data.parse_sst("(3 good)", {"good": 5})[0].data["token"]) == 5  # a dict of ids
+    for bad in (2**40, -1, "x"):
+        with pytest.raises(ValueError, match=f"vocab maps 'good' to {bad!r}; word ids must be integers"):
+            data.parse_sst("(3 good)", {"good": bad})
 
 
 def test_sst_oov_and_default_vocab():
