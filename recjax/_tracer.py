@@ -986,6 +986,7 @@ class _Discovery:
         self.fid: dict = {}
         self.calls: set = set()  # (caller fid, callee fid, relation)
         self.in_base: set = set()
+        self.weak_reads = False  # reads keep a Python scalar's weak type (see check_weak)
 
     def call(self, frame, rec, binding, relation):
         fid = self.register(rec, binding)
@@ -1002,6 +1003,8 @@ class _Discovery:
                 "which recurses forever; one of them must call the other on children (or "
                 "the parent) instead."
             )
+        if self.weak_reads:
+            return jax.tree.map(_zeros_keeping_weak_type, spec)
         return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), spec)
 
     def register(self, rec, binding) -> int:
@@ -1057,7 +1060,9 @@ class _Discovery:
             return _executor.apply_template(template, dynamic, {}, data, ctx, edges)
 
         out = jax.eval_shape(run, self.dyn_spec, self.data1, ctx, edges)
-        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), out)
+        return jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype, weak_type=s.weak_type), out
+        )
 
     def analyse(self, fid):
         """Traces every signature the forest needs and checks it returns the base structure."""
@@ -1080,13 +1085,54 @@ class _Discovery:
                 sigs[(False, False)] = self.trace(fid, (False, False))
         for sig, spec in sigs.items():
             if not _same_spec(spec, entry["spec"]):
-                base = "a leaf" if entry["direction"] == "up" else _describe(next(iter(sigs)), self.kinds)
+                base = self._base(fid)
                 raise TypeError(
                     f"{rec._name} returns {_show(spec)} at {_describe(sig, self.kinds)} but "
                     f"{_show(entry['spec'])} at {base}. Every node must return the same "
                     "structure, shapes and dtypes (the children's and parent's outputs have "
                     f"that structure); make {base.split()[-1]} branch return what the others return."
                 )
+
+    def _base(self, fid) -> str:
+        entry = self.fns[fid]
+        return "a leaf" if entry["direction"] == "up" else _describe(next(iter(entry["sigs"])), self.kinds)
+
+    def check_weak(self):
+        """Refuses outputs whose dtype depends on whether the values read are Python scalars.
+
+        The state buffers hold every node's output as an array of its base signature's
+        dtype. Plain recursion passes a Python scalar returned at a leaf (a weakly typed
+        value) up as it is, and ``scalar * float16_array`` is float16 where
+        ``float32_array * float16_array`` is float32: the nodes above such leaves would get
+        another dtype than ``.batch`` gives them. Every signature is traced again with
+        weakly typed reads; a dtype that moves is an error.
+        """
+        weak = [e for e in self.fns if any(s.weak_type for s in jax.tree.leaves(e["spec"]))]
+        if not weak:
+            return
+        self.weak_reads = True
+        try:
+            for fid, entry in enumerate(self.fns):
+                for sig, spec in entry["sigs"].items():
+                    loose = self.trace(fid, sig)
+                    if _same_spec(loose, spec):
+                        continue
+                    names = " and ".join(e["rec"]._name for e in weak)
+                    bases = " and ".join(sorted({self._base(self.fns.index(e)) for e in weak}))
+                    moved = next(
+                        a.dtype for a, b in zip(jax.tree.leaves(loose), jax.tree.leaves(spec))
+                        if a.dtype != b.dtype
+                    )
+                    raise TypeError(
+                        f"{entry['rec']._name} returns {_show(loose)} at "
+                        f"{_describe(sig, self.kinds)} when the outputs it reads are Python "
+                        f"scalars ({names} returns one at {bases}: weakly typed) but "
+                        f"{_show(spec)} when they are arrays, so plain recursion and .batch "
+                        f"would disagree on its dtype. Give the scalar returned at {bases} a "
+                        f"dtype, e.g. jnp.asarray(value, jnp.{moved})."
+                    )
+        finally:
+            self.weak_reads = False
 
     def _internal(self, fid, prefix):
         """The internal nodes' templates: one ``"map"``, or one per arity (of one kind)."""
@@ -1141,6 +1187,7 @@ def _discover(rec, binding, meta, dyn_spec, data_spec) -> _Program:
             while i < len(disc.fns):
                 disc.analyse(i)
                 i += 1
+            disc.check_weak()
             break
         except _IsTopDown as e:
             # A function read node.parent in a signature after its leaf: it is top-down.
@@ -1151,7 +1198,7 @@ def _discover(rec, binding, meta, dyn_spec, data_spec) -> _Program:
     fns = tuple(
         _FnSpec(
             e["rec"], e["binding"], e["direction"], tuple(e["sigs"]),
-            (jax.tree.structure(e["spec"]), tuple(jax.tree.leaves(e["spec"]))),
+            (jax.tree.structure(e["spec"]), tuple(_strong(s) for s in jax.tree.leaves(e["spec"]))),
         )
         for e in disc.fns
     )
@@ -1418,7 +1465,17 @@ def _describe(signature, kinds=None) -> str:
         return "a leaf"
     if signature == "map":
         return "an internal node"
-    return f"an internal node with {signature} children"
+    return "an internal node with 1 child" if signature == 1 else f"an internal node with {signature} children"
+
+
+def _zeros_keeping_weak_type(s):
+    if s.weak_type:  # what a Python scalar of this kind traces as
+        return jax.lax.full(s.shape, np.zeros((), s.dtype).item())
+    return jnp.zeros(s.shape, s.dtype)
+
+
+def _strong(s):
+    return jax.ShapeDtypeStruct(s.shape, s.dtype)
 
 
 def _same_spec(a, b) -> bool:

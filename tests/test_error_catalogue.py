@@ -242,6 +242,16 @@ def output_mismatch():
     f.batch(forest())
 
 
+def weak_scalar_output():
+    @rj.recursive
+    def f(node):
+        if node.is_leaf:
+            return 0.5
+        return node.children.map(lambda c: f(c) * node.data.astype(jnp.float16)).sum()
+
+    f.batch(forest())
+
+
 def changed_arguments():
     @rj.recursive
     def f(depth, node):
@@ -356,6 +366,7 @@ CASES = {
     "too-many-arities": (too_many_arities, ValueError, r"f iterates, indexes or measures node.children.*more than 16 distinct arities"),
     "unhandled-arity": (unhandled_arity, ValueError, r"f cannot handle a node with 3 children \(node 2 of the forest"),
     "output-mismatch": (output_mismatch, TypeError, r"f returns .* at an internal node but float32\[\] at a leaf"),
+    "weak-scalar-output": (weak_scalar_output, TypeError, r"f returns float16\[\] at an internal node when .* at a leaf"),
     "changed-arguments": (changed_arguments, TypeError, r"a recursive call of f must pass the same non-node arguments"),
     # recjax's own check (`f must return a pytree of arrays`) is never reached: jax.vmap
     # rejects the output first, with a message that does not name the function.

@@ -489,3 +489,68 @@ def test_bfloat16_parameters_and_data_match_eager_loosely():
     for name in p:
         assert g[name].dtype == jnp.bfloat16
         np.testing.assert_allclose(np.asarray(g[name], np.float32), np.asarray(ge[name], np.float32), atol=0.1, rtol=0.05)
+
+
+def test_python_scalar_outputs_get_the_dtype_plain_recursion_gives():
+    """A leaf returning a Python scalar hands plain recursion a weakly typed value, so the
+    node above computes in the other operand's dtype (``0.5 * float16`` is float16); the
+    buffers hold it as float32, which gives float32 above: refused, naming the leaf. Where
+    the dtype does not move (float32 parameters, or scalar arithmetic throughout) it runs
+    and equals plain recursion."""
+    x = lambda v: rj.Tree({"x": np.float16(v)})
+    tree = rj.Tree({"x": np.float16(3)}, [x(1), rj.Tree({"x": np.float16(2)}, [x(4)])])
+    forest = rj.Forest.from_trees([tree])
+
+    @rj.recursive
+    def up(node):
+        if node.is_leaf:
+            return 0.5
+        return sum(up(c) for c in node.children) * node.data["x"]
+
+    assert up(tree).dtype == jnp.float16  # plain recursion: float16 above the leaves
+    with pytest.raises(TypeError, match=r"up returns float16\[\] at an internal node with 1 child when .* Python scalars .*jnp.asarray\(value, jnp.float16\)"):
+        up.batch(forest)
+
+    @rj.recursive
+    def mapped(node):  # the same inside children.map
+        if node.is_leaf:
+            return 1.0
+        return node.children.map(lambda c: mapped(c) * node.data["x"]).sum()
+
+    assert mapped(tree).dtype == jnp.float16
+    with pytest.raises(TypeError, match=r"mapped returns float16\[\] at an internal node when .*jnp.float16"):
+        mapped.batch(forest)
+
+    @rj.recursive
+    def summed(node):  # a sum over children is an int32 array in both: nothing moves
+        if node.is_leaf:
+            return 1
+        return node.children.map(summed).sum() + node.data["x"].astype(jnp.int8)
+
+    @rj.recursive
+    def down(node):  # top-down: the root's scalar is read by its children
+        if node.is_root:
+            return 2.0
+        return down(node.parent) * node.data["x"]
+
+    with pytest.raises(TypeError, match=r"down returns float16\[\] at a non-root node when .* at a root"):
+        down.batch(forest)
+
+    @rj.recursive
+    def fixed(node):  # the suggested fix: the scalar gets the dtype
+        if node.is_leaf:
+            return jnp.asarray(0.5, jnp.float16)
+        return sum(fixed(c) for c in node.children) * node.data["x"]
+
+    @rj.recursive
+    def steady(w, node):  # a scalar whose dtype does not move: float32 parameters
+        if node.is_leaf:
+            return 0.0
+        return jnp.tanh(sum(steady(w, c) for c in node.children) * w + node.data["x"])
+
+    w = jnp.float32(0.7)
+    for f, args in ((fixed, ()), (steady, (w,)), (summed, ())):
+        got = f.batch(*args, forest)
+        want = [f(*args, t) for t in node_subtrees([tree])]
+        assert got.dtype == jnp.result_type(*want)
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=1e-3)
