@@ -973,10 +973,14 @@ TASKS = {
 
 #: Per-task defaults of the options left unset.
 DEFAULTS = {
-    "calc": {"epochs": 8, "batch_size": 128, "hidden": 64, "embed": 32, "lr": 1e-2},
+    "calc": {"epochs": 8, "batch_size": 128, "hidden": 64, "embed": 32, "lr": 1e-2,
+             "model": "tree_lstm", "supervise": "nodes"},
     "sst": {"epochs": 10, "batch_size": 25, "hidden": 150, "embed": 300, "lr": 2e-3},
-    "ast": {"epochs": 10, "batch_size": 64, "hidden": 64, "embed": 32, "lr": 5e-3},
+    "ast": {"epochs": 10, "batch_size": 64, "hidden": 64, "embed": 32, "lr": 5e-3, "classes": 10},
 }
+# Options that only some tasks read: given to another task, they are refused, not ignored.
+TASK_OPTIONS = {"model": ("calc",), "supervise": ("calc",), "data": ("sst", "ast"),
+                "glove": ("sst",), "classes": ("ast",)}
 
 
 def _config(args, *keys) -> dict:
@@ -1030,7 +1034,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--task", choices=tuple(TASKS), default="calc", help="what to train (default calc)")
-    parser.add_argument("--model", choices=tuple(MODELS), default="tree_lstm", help="calc: the model (default tree_lstm)")
+    parser.add_argument("--model", choices=tuple(MODELS), help="calc: the model (default tree_lstm)")
     parser.add_argument("--epochs", type=int, help="total training epochs, counting resumed ones")
     parser.add_argument("--batch-size", type=int, help="trees per batch")
     parser.add_argument("--hidden", type=int, help="hidden size")
@@ -1050,7 +1054,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--restart", action="store_true", help="ignore an existing checkpoint and start over")
     parser.add_argument("--quiet", action="store_true", help="no progress bar (it shows only on a terminal)")
     parser.add_argument(
-        "--supervise", choices=("nodes", "root"), default="nodes",
+        "--supervise", choices=("nodes", "root"),
         help="calc: train on every subexpression's value (default) or on the roots only",
     )
     parser.add_argument(
@@ -1060,18 +1064,22 @@ def build_parser() -> argparse.ArgumentParser:
         "top-level modules)",
     )
     parser.add_argument("--glove", metavar="FILE", help="sst: initialise word vectors from this GloVe text file")
-    parser.add_argument("--classes", type=int, default=10, help="ast: number of first words to tell apart (default 10)")
+    parser.add_argument("--classes", type=int, help="ast: number of first words to tell apart (default 10)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Runs the demo; returns the task's results (history, final metrics, timing)."""
     args = build_parser().parse_args(argv)
+    for key, tasks in TASK_OPTIONS.items():
+        if getattr(args, key) is not None and args.task not in tasks:
+            only = " and ".join(f"--task {t}" for t in tasks)
+            raise SystemExit(f"--{key} applies to {only} only; this is --task {args.task}.")
     for key, value in DEFAULTS[args.task].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     for flag in ("epochs", "batch_size", "hidden", "embed", "classes"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1.")
     if args.limit is not None and args.limit < 1:
         raise SystemExit("--limit must be at least 1.")
@@ -1079,8 +1087,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise SystemExit(f"--lr must be a positive number; got {args.lr}.")
     if args.seed < 0:
         raise SystemExit(f"--seed must be at least 0; got {args.seed}.")
-    if args.task != "calc" and args.model != "tree_lstm":
-        raise SystemExit("--model applies to --task calc only.")
     if args.checkpoint_dir is None:
         name = args.task if args.task != "calc" or args.model == "tree_lstm" else f"calc-{args.model}"
         args.checkpoint_dir = os.path.join("recjax_checkpoints", name)

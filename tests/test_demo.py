@@ -234,8 +234,20 @@ def test_bad_arguments_are_refused():
             demo.main(["--task", task, "--data", "/no/such/path"])
     with pytest.raises(SystemExit, match="--seed must be at least 0; got -1"):
         demo.main(["--seed=-1"])
-    with pytest.raises(SystemExit, match="--model applies to --task calc only"):
+    with pytest.raises(SystemExit, match="--model applies to --task calc only; this is --task sst"):
         demo.main(["--task", "sst", "--model", "rntn"])
+    # options another task reads are refused, not ignored (calc ran without its data before)
+    for argv, message in (
+        (["--data", "x"], "--data applies to --task sst and --task ast only; this is --task calc"),
+        (["--glove", "g.txt"], "--glove applies to --task sst only"),
+        (["--task", "ast", "--glove", "g.txt"], "--glove applies to --task sst only; this is --task ast"),
+        (["--classes", "5"], "--classes applies to --task ast only"),
+        (["--task", "sst", "--supervise", "root"], "--supervise applies to --task calc only"),
+    ):
+        with pytest.raises(SystemExit, match=message):
+            demo.main(argv)
+    with pytest.raises(SystemExit, match="--classes must be at least 1"):
+        demo.main(["--task", "ast", "--classes", "0"])
 
 
 def test_calc_runs_end_to_end_and_checkpoints_by_default(capsys, tmp_path, monkeypatch):
