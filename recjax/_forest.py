@@ -156,6 +156,15 @@ class Forest:
             ]
             return cls._pad_to_one_shape(forests, shapes, 1.25)
 
+    @staticmethod
+    def _check_trees(trees: list[Tree], kinds=None) -> None:
+        """Raises what ``from_trees(trees, kinds)`` would raise on bad trees (the walk, the
+        data, the kinds, a cycle), without planning or building a forest: a data loader
+        checks a whole dataset with it before it plans any batch."""
+        with _gc_paused():
+            child_ptr, child_idx, _, _, _ = _tree_arrays(_tree_list(trees), kinds)
+            _planner.heights(child_ptr, child_idx)
+
     @classmethod
     def from_parents(
         cls, parent: Any, data: Any = None, kind: Sequence[str] | None = None,

@@ -145,7 +145,22 @@ def batches(
     yield from _background(plan_window, windows, prefetch)
 
 
-def _naming_the_tree(error, trees, indices, kinds):
+def _check_trees(trees: list[Tree], kinds, name: str, chunk: int = 2048) -> None:
+    """Refuses a tree that planning a batch would refuse, before any training.
+
+    Chunks of trees are walked as ``Forest.from_trees`` walks them (no plans): each with
+    ``trees[0]``, so that data differing from the first tree's are refused too. An error
+    names the tree by its position in ``trees``, as ``batches`` does.
+    """
+    for start in range(0, len(trees), chunk):
+        indices = np.arange(start, min(start + chunk, len(trees)))
+        try:
+            Forest._check_trees([trees[0]] + [trees[j] for j in indices], kinds)
+        except (ValueError, TypeError) as e:
+            raise _naming_the_tree(e, trees, np.concatenate([[0], indices]), kinds, "fit", name) from None
+
+
+def _naming_the_tree(error, trees, indices, kinds, caller="batches", name="trees"):
     """``error`` (raised by a window's forest, whose node ids are the window's) re-raised
     for the first tree that fails alone, or against the window's first tree (a schema that
     differs between trees): node ids then count within that tree, or that pair."""
@@ -155,11 +170,11 @@ def _naming_the_tree(error, trees, indices, kinds):
             try:
                 Forest.from_trees([trees[k] for k in pair], kinds=kinds)
             except (ValueError, TypeError) as e:
-                who = f"trees[{j}]" if len(pair) == 1 else (
-                    f"trees[{j}] does not match trees[{first}] (nodes numbered in pre-order, "
-                    f"trees[{j}]'s first)"
+                who = f"{name}[{j}]" if len(pair) == 1 else (
+                    f"{name}[{j}] does not match {name}[{first}] (nodes numbered in "
+                    f"pre-order, {name}[{j}]'s first)"
                 )
-                return type(e)(f"batches: {who}: {e}")
+                return type(e)(f"{caller}: {who}: {e}")
     return error
 
 
@@ -401,8 +416,9 @@ def fit(
         than ``epochs`` epochs, or does not match ``params``, the optimizer state's
         structure, ``seed``, ``batch_size``, ``window``, the trees' sizes or ``labels``
         (the optimizer's hyperparameters, a learning rate, are not recorded), or a tree
-        whose data or structure is refused (raised when its window is planned, naming
-        its position in ``trees``; ``Forest.from_trees(trees)`` checks them all first).
+        of ``trees`` or ``eval_trees`` whose data or structure ``Forest.from_trees``
+        refuses (all are checked before training, and the error names the tree's
+        position).
       TypeError: ``eval_fn`` does not return a dict of ``(sum, count)`` pairs.
 
     Example:
@@ -439,6 +455,9 @@ def fit(
         eval_labels = _rows_array(eval_labels, len(eval_trees), "eval_labels")
     elif eval_labels is not None:
         raise ValueError("fit: eval_labels without eval_trees.")
+    _check_trees(trees, kinds, "trees")
+    if eval_trees is not None:
+        _check_trees(eval_trees, kinds, "eval_trees")
 
     # Strongly typed arrays: the optimizer returns strong types, so weakly typed params
     # (a Python float, ``jnp.array(0.5)``) would compile the first shape's step twice.

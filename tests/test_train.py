@@ -324,6 +324,35 @@ def test_a_refused_tree_is_named_by_its_position_in_trees():
         list(batches(inner, 3, seed=0))
 
 
+def test_fit_refuses_a_bad_tree_before_training():
+    """fit walks every training and evaluation tree before its first step: a tree the
+    loader would refuse in the last window (or an evaluation tree, planned after the first
+    epoch) stops it before any device work, named by its position."""
+    calls = []
+
+    def loss_fn(w, forest, targets):
+        calls.append(1)
+        return jnp.sum(w)
+
+    good = [rj.Tree(1.0, [rj.Tree(2.0)]) for _ in range(2100)]  # two chunks of the check
+    kw = dict(optimizer=optax.sgd(0.1), epochs=1, batch_size=4, progress=False)
+    odd = list(good)
+    odd[2090] = rj.Tree(1, [rj.Tree(2)])
+    with pytest.raises(ValueError, match=r"(?s)fit: trees\[2090\] does not match trees\[0\] .*dtype int64"):
+        fit(loss_fn, jnp.float32(0), odd, **kw)
+    cyclic = list(good)
+    loop = rj.Tree(1.0, [rj.Tree(2.0)])
+    loop.children[0].children = (loop,)  # only by reassigning children
+    cyclic[7] = loop
+    with pytest.raises(ValueError, match=r"fit: trees\[7\]: the forest has a cycle"):
+        fit(loss_fn, jnp.float32(0), cyclic, **kw)
+    evals = [rj.Tree(1.0), rj.Tree(1.0, [rj.Tree(np.zeros(2))])]
+    eval_fn = lambda w, forest, labels: {"n": (jnp.sum(forest.root_mask), 1)}
+    with pytest.raises(ValueError, match=r"(?s)fit: eval_trees\[1\]: node data must have the same structure"):
+        fit(loss_fn, jnp.float32(0), good[:8], eval_fn=eval_fn, eval_trees=evals, **kw)
+    assert not calls  # nothing was traced, let alone run
+
+
 # A model small enough that the checkpoint and progress tests compile in a blink.
 @rj.recursive
 def weighted_size(w, node):
