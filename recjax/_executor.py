@@ -64,6 +64,36 @@ def apply_template(template, dynamic, env, data, ctx, edges=None):
     return jax.vmap(lambda d, c: template(dynamic, env, d, c, edges))(data, ctx)
 
 
+def varying_like(tree, anchor):
+    """``tree``'s float leaves typed as varying over the manual mesh axes ``anchor`` varies
+    over (inside ``shard_map``), by adding a zero; elsewhere ``tree`` unchanged.
+
+    Inside ``shard_map``, a replicated parameter that meets per-device data becomes
+    per-device (an implicit ``pvary``) where they meet, and the transpose of that is a
+    ``psum`` across devices. Where they meet inside a ``lax.cond`` or ``lax.switch``
+    whose branch differs between devices (a step's arity or kind), the ``psum`` would
+    run on some devices only and hang. Meeting once here, before any branch, puts it in
+    straight-line code that every device runs.
+    """
+    axes = _varying_axes(anchor)
+    if not axes:
+        return tree
+
+    def vary(x):
+        if not jnp.issubdtype(jnp.result_type(x), jnp.inexact) or axes <= _varying_axes(x):
+            return x
+        return x + jnp.zeros_like(anchor, shape=jnp.shape(x), dtype=jnp.result_type(x))
+
+    return jax.tree.map(vary, tree)
+
+
+def _varying_axes(x) -> frozenset:
+    """The manual mesh axes ``x`` varies over (empty outside ``shard_map``)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)  # jax >= 0.9; ``vma`` before
+    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
 def row_tables(arrays: dict, key: PlanKey) -> RowTables:
     """Each row's node, parent row and child index, from the plan's edge tables (in jax).
 
@@ -213,8 +243,8 @@ def run_up(fns: list[PassFn], dynamic, env: dict, arrays: dict, key: PlanKey, ro
                         functools.partial(_compute_up, _kind_templates(f.templates, k))
                         for k in key.kinds
                     ]
-                    out = lax.switch(
-                        kind_t, branches, dynamic, local_env, data_t, ctx, degree, start, local_edges
+                    out = _switch(
+                        kind_t, branches, (dynamic, local_env, data_t, ctx, degree, start, local_edges), own
                     )
                 else:
                     out = _compute_up(
@@ -380,9 +410,30 @@ def _on_own_rows(mine, fn, data, ctx):
     """
     src = jnp.where(mine, jnp.arange(mine.shape[0], dtype=jnp.int32), jnp.argmax(mine).astype(jnp.int32))
     take = lambda tree: jax.tree.map(lambda a: a[src], tree)
-    spec = jax.eval_shape(fn, data, ctx)
-    skip = lambda data, ctx: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), spec)
-    return lax.cond(jnp.any(mine), fn, skip, take(data), take(ctx))
+    spec = jax.eval_shape(fn, data, ctx)  # zeros_like keeps its type (shard_map's axes too)
+    skip = lambda data, ctx: jax.tree.map(jnp.zeros_like, spec)
+    return _switch(jnp.any(mine).astype(jnp.int32), [skip, fn], (take(data), take(ctx)), mine)
+
+
+def _switch(index, branches, operands, anchor):
+    """``lax.switch(index, branches, *operands)``, whose branch may differ between the
+    devices of ``shard_map`` (``anchor`` varies over its axes): a replicated float array
+    that a branch closes over is refused (see ``varying_like``). The operands are made
+    per-device before (``varying_like`` on the arguments)."""
+    axes = _varying_axes(anchor)
+    for branch in branches if axes else ():
+        for c in jax.closure_convert(branch, *operands)[1]:
+            if jnp.issubdtype(c.dtype, jnp.inexact) and not axes <= _varying_axes(c):
+                raise TypeError(
+                    f"a @rj.recursive function closes over a traced {c.dtype}{list(c.shape)} "
+                    "array that is the same on every device of shard_map (a parameter it "
+                    "reads without taking it as an argument). Its gradient would be summed "
+                    "across devices inside a branch that only some devices take, and they "
+                    "would wait for each other forever. Pass the array to the function as an "
+                    "argument (f(params, node)); recjax makes arguments per-device before "
+                    "its level loop."
+                )
+    return lax.switch(index, branches, *operands)
 
 
 def _write_all(buffer, rows, first):

@@ -214,13 +214,15 @@ class _SegmentRagged(Ragged):
     """
 
     def __init__(self, fn, edges: _executor.Edges, row):
-        scalar = jax.ShapeDtypeStruct((), jnp.int32)
+        # One slot's row and position, typed as the step's edges are (inside shard_map
+        # they vary over its mesh axes, and the jaxpr replayed on them must say so).
+        scalar = jax.tree.map(lambda a: a.reshape(-1)[0], (edges.rows, edges.position))
         # make_jaxpr exposes every value fn closes over (row-level tracers and the
         # buffers the child's outputs are read from) as a constant, which we pass
         # explicitly so the vmap rule can gather the row-level ones onto the edges.
         closed, out_shape = jax.make_jaxpr(
             lambda r, i: fn(_SymbolicChild(r, i)), return_shape=True
-        )(scalar, scalar)
+        )(*scalar)
         self._jaxpr = closed.jaxpr
         self._consts = list(closed.consts)
         self._out_tree = jax.tree.structure(out_shape)
@@ -810,6 +812,7 @@ class Recursive:
     def _execute(self, program, dynamic, arrays, at_roots=False):
         self._num_traces += 1
         key = program.key
+        dynamic = _executor.varying_like(dynamic, arrays["node_mask"])
         rows = _executor.row_tables(arrays, key) if program.uses_rows else None
         runtime = _Runtime(program)
         env: dict = {}

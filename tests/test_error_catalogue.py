@@ -252,6 +252,26 @@ def weak_scalar_output():
     f.batch(forest())
 
 
+def shard_map_closure():
+    from jax.sharding import PartitionSpec as P
+
+    w = jnp.ones((2, 2))
+    mesh = jax.make_mesh((1,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+
+    def step(w, data):
+        @rj.recursive
+        def f(node):  # w is closed over, not an argument
+            if node.is_leaf:
+                return node.data @ w
+            return jnp.tanh(sum(f(c) for c in node.children) @ w)
+
+        fo = rj.Forest.from_children([[1, 2], [3], [], []], np.ones((4, 2), np.float32))
+        fo = jax.tree.map(lambda a: a + 0 * data[0, 0].astype(a.dtype), fo)  # per device
+        return jnp.sum(f.batch(fo))
+
+    jax.shard_map(jax.grad(step), mesh=mesh, in_specs=(P(), P("d")), out_specs=P())(w, jnp.ones((1, 1)))
+
+
 def changed_arguments():
     @rj.recursive
     def f(depth, node):
@@ -366,6 +386,7 @@ CASES = {
     "too-many-arities": (too_many_arities, ValueError, r"f iterates, indexes or measures node.children.*more than 16 distinct arities"),
     "unhandled-arity": (unhandled_arity, ValueError, r"f cannot handle a node with 3 children \(node 2 of the forest"),
     "output-mismatch": (output_mismatch, TypeError, r"f returns .* at an internal node but float32\[\] at a leaf"),
+    "shard-map-closure": (shard_map_closure, TypeError, r"closes over a traced float32\[2, 2\] array that is the same on every device of shard_map"),
     "weak-scalar-output": (weak_scalar_output, TypeError, r"f returns float16\[\] at an internal node when .* at a leaf"),
     "changed-arguments": (changed_arguments, TypeError, r"a recursive call of f must pass the same non-node arguments"),
     # recjax's own check (`f must return a pytree of arrays`) is never reached: jax.vmap
