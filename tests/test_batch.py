@@ -469,3 +469,23 @@ def test_pad_all_unites_arities_for_per_arity_functions():
     for trees, exact, pad in ((a, fa, pa), (b, fb, pb)):
         np.testing.assert_allclose(run(w, pad)[: exact.num_nodes], eager_all_nodes(weighted, (w,), trees), rtol=1e-5)
     assert weighted._num_traces == 1
+
+
+def test_from_parents_keeps_children_in_increasing_id_with_interleaved_parents():
+    """``children`` of a node are the j with ``parent[j] == i`` in increasing j (documented);
+    an order-sensitive function on two roots whose 198 children interleave equals plain
+    recursion on the same trees built by hand (an unstable sort would permute them)."""
+    rng = np.random.default_rng(0)
+    n = 200
+    parent = np.concatenate([[-1, -1], rng.integers(0, 2, n - 2)])
+    x = rng.normal(size=n).astype(np.float32)
+    forest = rj.Forest.from_parents(parent, {"x": x})
+    for r in (0, 1):
+        np.testing.assert_array_equal(forest.children(r), np.flatnonzero(parent == r))
+
+    @rj.recursive
+    def positional(node):
+        return node.data["x"] + node.children.map(lambda c: (c.index + 1.0) * positional(c)).sum()
+
+    trees = [rj.Tree({"x": x[r]}, [rj.Tree({"x": x[c]}) for c in np.flatnonzero(parent == r)]) for r in (0, 1)]
+    np.testing.assert_allclose(positional.roots(forest), [positional(t) for t in trees], rtol=1e-5)

@@ -330,6 +330,35 @@ def test_padding_rows_read_the_children_of_a_real_node(kinds):
                  lambda p: sum(calc(p, t) for t in trees), p)
 
 
+def test_whole_padding_steps_read_every_child_of_the_node_they_copy():
+    """A step without real rows (a forest padded to a taller one's plan) copies a node of
+    height 1; its padding rows must read that node's children in order, as the node does.
+    Reading its first child twice makes ``sqrt(l - r)`` ``sqrt(0)``, and the dropped
+    rows' zero cotangent times its infinite derivative a NaN gradient."""
+    @rj.recursive
+    def cell(p, node):  # l > r at every real node
+        if node.is_leaf:
+            return node.data * p
+        left, right = [cell(p, c) for c in node.children]
+        return node.data * p + 0.1 * jnp.sqrt(left - right)
+
+    leaf = lambda v: rj.Tree(np.float32(v))  # noqa: E731
+    pair = lambda a, b, v=0.0: rj.Tree(np.float32(v), [a, b])  # noqa: E731
+
+    def deep(levels):
+        t = pair(leaf(3.0), leaf(1.0))
+        for _ in range(levels):
+            t = pair(t, pair(leaf(2.0), leaf(1.0)), 100.0)
+        return t
+
+    tall = [deep(6), deep(3)]
+    for trees in ([pair(leaf(3.0), leaf(1.0))], tall[1:]):
+        small = rj.Forest.pad_all([rj.Forest.from_trees(trees), rj.Forest.from_trees(tall)])[0]
+        p = jnp.float32(1.0)
+        _grads_match(lambda p: jnp.sum(jnp.where(small.root_mask, cell.roots(p, small), 0.0)),
+                     lambda p: sum(cell(p, t) for t in trees), p)
+
+
 def test_top_down_roots_and_padding_read_a_real_non_root_row():
     @rj.recursive
     def down(p, node):  # non-root code divides by data, which is 0 at every root
