@@ -41,6 +41,10 @@ class _Meta:
     # A node in several trees (a subtree shared between trees, or a Tree passed as two
     # roots; -1 if none): ``pool`` needs one tree per node.
     cross_tree_node: int = dataclasses.field(compare=False, hash=False, default=-1)
+    # Whether there is such a node, compared: forests stacked on a leading axis (for
+    # vmap, pmap, shard_map) take one Meta, so a DAG must not pass as a tree there.
+    has_shared_node: bool = False
+    has_cross_tree_node: bool = False
 
 
 class _PadShape(NamedTuple):
@@ -456,6 +460,8 @@ class Forest:
             kind_arities=kind_arities if kind is not None else (),
             shared_node=shared,
             cross_tree_node=cross,
+            has_shared_node=shared >= 0,
+            has_cross_tree_node=cross >= 0,
         )
         pad = plan.key.num_node_rows
         padded = jax.tree.map(lambda a: np.concatenate([a, np.repeat(a[:1], pad - n, 0)]), data)

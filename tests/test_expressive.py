@@ -660,3 +660,31 @@ def test_data_dependent_loops_name_the_construct_and_the_alternative():
         collatz.batch(forest)
     with pytest.raises(TypeError, match=r"`range\(\)`.*lax.fori_loop"):
         repeat.batch(forest)
+
+
+def test_stacked_forests_keep_a_dag_from_passing_as_a_tree():
+    """Forests stacked for vmap/pmap/shard_map share one static part: a forest with a
+    node of several parents (or a node in several trees) does not stack with one without
+    (before, the stack took the first forest's and a top-down pass ran on the DAG), and a
+    stack of such forests is refused where each forest alone is."""
+    @rj.recursive
+    def depth(node):
+        return jnp.float32(0) if node.is_root else depth(node.parent) + 1
+
+    stack = lambda forests: jax.tree.map(lambda *a: np.stack(a), *forests)  # noqa: E731
+    shared = rj.Tree(1.0)
+    dag = rj.Tree(1.0, [rj.Tree(1.0, [shared]), shared])  # shared: depth 1 and 2
+    tree = rj.Tree(1.0, [rj.Tree(1.0, [rj.Tree(1.0)]), rj.Tree(1.0)])
+    parts = rj.Forest.pad_all([rj.Forest.from_trees([tree]), rj.Forest.from_trees([dag])])
+    with pytest.raises(ValueError, match="has_shared_node=True"):
+        stack(parts)
+    dags = rj.Forest.pad_all([rj.Forest.from_trees([dag]), rj.Forest.from_trees([dag])])
+    with pytest.raises(ValueError, match="need one parent per node"):
+        jax.vmap(depth.batch)(stack(dags))
+    twice = rj.Forest.pad_all([rj.Forest.from_trees([tree, tree])] * 2)  # one Tree, two roots
+    ones = jnp.ones((2, twice[0].num_nodes))
+    with pytest.raises(ValueError, match="belongs to several trees"):
+        jax.vmap(lambda f, v: f.pool(v))(stack(twice), ones)
+    fine = rj.Forest.pad_all([rj.Forest.from_trees([tree]), rj.Forest.from_trees([tree, rj.Tree(2.0)])])
+    got = jax.vmap(depth.batch)(stack(fine))  # trees stack and run as before
+    np.testing.assert_array_equal(got[0][: fine[0].num_nodes][:4], [0, 1, 2, 1])
