@@ -482,6 +482,16 @@ class Forest:
         forest._kind = kind
         return forest
 
+    def _check_not_stacked(self, where: str) -> None:
+        """Refuses forests stacked on a leading axis (for ``vmap``) used as one forest."""
+        shape = jnp.shape(self._arrays["node_mask"])
+        if len(shape) != 1:
+            raise TypeError(
+                f"{where}: this Forest holds {shape[0]} forests stacked on a leading axis "
+                f"(node_mask has shape {shape}); map over that axis with jax.vmap, "
+                "jax.pmap or jax.shard_map, which hand the function one forest at a time."
+            )
+
     # ------------------------------------------------------------------ accessors
 
     @property
@@ -541,6 +551,7 @@ class Forest:
           >>> f.pool(jnp.arange(5.0), "sum").tolist()
           [1.0, 9.0]
         """
+        self._check_not_stacked("Forest.pool")
         if op not in ("sum", "mean", "max"):
             raise ValueError(f"Forest.pool: op must be 'sum', 'mean' or 'max', not {op!r}.")
         if self._meta.cross_tree_node >= 0:

@@ -765,6 +765,7 @@ class Recursive:
                 f"{self._name}.{method}(...) takes a Forest, not a Tree; use "
                 f"rj.Forest.from_trees([tree]), or call {self._name}(...) on the Tree."
             )
+        forest._check_not_stacked(f"{self._name}.{method}")
         rest = _replace(args, kwargs, pos, None)
         leaves, treedef = jax.tree.flatten(rest)
         dynamic = [x for x in leaves if _is_array(x)]

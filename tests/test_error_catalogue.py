@@ -272,6 +272,11 @@ def shard_map_closure():
     jax.shard_map(jax.grad(step), mesh=mesh, in_specs=(P(), P("d")), out_specs=P())(w, jnp.ones((1, 1)))
 
 
+def stacked_forest():
+    parts = rj.Forest.pad_all([forest(3), forest(2)])
+    add.batch(jax.tree.map(lambda *a: np.stack(a), *parts))
+
+
 def changed_arguments():
     @rj.recursive
     def f(depth, node):
@@ -387,6 +392,7 @@ CASES = {
     "unhandled-arity": (unhandled_arity, ValueError, r"f cannot handle a node with 3 children \(node 2 of the forest"),
     "output-mismatch": (output_mismatch, TypeError, r"f returns .* at an internal node but float32\[\] at a leaf"),
     "shard-map-closure": (shard_map_closure, TypeError, r"closes over a traced float32\[2, 2\] array that is the same on every device of shard_map"),
+    "stacked-forest": (stacked_forest, TypeError, r"add.batch: this Forest holds 2 forests stacked on a leading axis \(node_mask has shape \(2, 3\)\)"),
     "weak-scalar-output": (weak_scalar_output, TypeError, r"f returns float16\[\] at an internal node when .* at a leaf"),
     "changed-arguments": (changed_arguments, TypeError, r"a recursive call of f must pass the same non-node arguments"),
     # recjax's own check (`f must return a pytree of arrays`) is never reached: jax.vmap

@@ -687,4 +687,7 @@ def test_stacked_forests_keep_a_dag_from_passing_as_a_tree():
         jax.vmap(lambda f, v: f.pool(v))(stack(twice), ones)
     fine = rj.Forest.pad_all([rj.Forest.from_trees([tree]), rj.Forest.from_trees([tree, rj.Tree(2.0)])])
     got = jax.vmap(depth.batch)(stack(fine))  # trees stack and run as before
+    for use in (lambda: depth.batch(stack(fine)), lambda: stack(fine).pool(jnp.ones((2, 4)))):
+        with pytest.raises(TypeError, match="holds 2 forests stacked on a leading axis"):
+            use()  # outside the vmap: refused, not a shape error from inside
     np.testing.assert_array_equal(got[0][: fine[0].num_nodes][:4], [0, 1, 2, 1])
