@@ -87,6 +87,12 @@ def varying_like(tree, anchor):
     return jax.tree.map(vary, tree)
 
 
+def _buffer(arrays, key: PlanKey, s):
+    """A zero state buffer for output leaf ``s``, per-device where the forest is (inside
+    ``shard_map``; its rows become per-device as the level loop writes them)."""
+    return jnp.zeros_like(arrays["node_mask"], shape=(key.num_buffer_rows,) + s.shape, dtype=s.dtype)
+
+
 def _varying_axes(x) -> frozenset:
     """The manual mesh axes ``x`` varies over (empty outside ``shard_map``)."""
     aval = jax.typeof(x)
@@ -182,7 +188,7 @@ def run_up(fns: list[PassFn], dynamic, env: dict, arrays: dict, key: PlanKey, ro
     data = arrays["data"]
     take = lambda tree, idx: jax.tree.map(lambda a: a[idx], tree)
     state = {
-        f.fid: jax.tree.map(lambda s: jnp.zeros((key.num_buffer_rows,) + s.shape, s.dtype), f.out_spec)
+        f.fid: jax.tree.map(lambda s: _buffer(arrays, key, s), f.out_spec)
         for f in fns
     }
 
@@ -244,7 +250,7 @@ def run_up(fns: list[PassFn], dynamic, env: dict, arrays: dict, key: PlanKey, ro
                         for k in key.kinds
                     ]
                     out = _switch(
-                        kind_t, branches, (dynamic, local_env, data_t, ctx, degree, start, local_edges), own
+                        kind_t, branches, (dynamic, local_env, data_t, ctx, degree, start, local_edges), kind_t
                     )
                 else:
                     out = _compute_up(
@@ -275,7 +281,7 @@ def run_down(fns: list[PassFn], dynamic, env: dict, arrays: dict, key: PlanKey, 
     data = arrays["data"]
     take = lambda tree, idx: jax.tree.map(lambda a: a[idx], tree)
     zeros = lambda f: jax.tree.map(
-        lambda s: jnp.zeros((key.num_buffer_rows,) + s.shape, s.dtype), f.out_spec
+        lambda s: _buffer(arrays, key, s), f.out_spec
     )
     num_leaf_rows = key.num_leaf_rows
 

@@ -161,13 +161,16 @@ class Forest:
             return cls._pad_to_one_shape(forests, shapes, 1.25)
 
     @staticmethod
-    def _check_trees(trees: list[Tree], kinds=None) -> None:
+    def _check_trees(trees: list[Tree], kinds=None):
         """Raises what ``from_trees(trees, kinds)`` would raise on bad trees (the walk, the
         data, the kinds, a cycle), without planning or building a forest: a data loader
-        checks a whole dataset with it before it plans any batch."""
+        checks a whole dataset with it before it plans any batch. Returns the node data's
+        structure and per-node shapes and dtypes (to compare between chunks)."""
         with _gc_paused():
-            child_ptr, child_idx, _, _, _ = _tree_arrays(_tree_list(trees), kinds)
+            child_ptr, child_idx, data, _, _ = _tree_arrays(_tree_list(trees), kinds)
             _planner.heights(child_ptr, child_idx)
+        leaves, treedef = jax.tree.flatten(data)
+        return treedef, tuple((a.dtype, a.shape[1:]) for a in leaves)
 
     @classmethod
     def from_parents(
@@ -488,8 +491,10 @@ class Forest:
         if len(shape) != 1:
             raise TypeError(
                 f"{where}: this Forest holds {shape[0]} forests stacked on a leading axis "
-                f"(node_mask has shape {shape}); map over that axis with jax.vmap, "
-                "jax.pmap or jax.shard_map, which hand the function one forest at a time."
+                f"(node_mask has shape {shape}); map over that axis with jax.vmap or "
+                "jax.pmap, which hand the function one forest at a time. Inside "
+                "jax.shard_map each device gets a block of the stack: take its forest "
+                "with jax.tree.map(lambda a: a[0], forest)."
             )
 
     # ------------------------------------------------------------------ accessors

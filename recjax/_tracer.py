@@ -18,7 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.custom_batching import custom_vmap
-from jax.extend.core import ClosedJaxpr, DebugInfo, Jaxpr, Var, jaxpr_as_fun
+from jax.extend.core import ClosedJaxpr, Jaxpr, Var, jaxpr_as_fun
+
+try:
+    from jax.extend.core import DebugInfo
+except ImportError:  # jax < 0.7 (the newest for Python 3.10 is 0.6.2) keeps it internal
+    from jax._src.core import DebugInfo
 
 from . import _executor
 from ._forest import MAX_SPECIALISED_ARITIES, Forest, segment_reduce
@@ -1007,8 +1012,13 @@ class _Discovery:
                 "which recurses forever; one of them must call the other on children (or "
                 "the parent) instead."
             )
-        if self.weak_reads:
-            return jax.tree.map(_zeros_keeping_weak_type, spec)
+        if self.weak_reads:  # weak where some signature of the function returns a scalar
+            leaves = jax.tree.leaves(spec)
+            weak = self.fns[fid].get("weak", (False,) * len(leaves))
+            return jax.tree.unflatten(jax.tree.structure(spec), [
+                _zeros_keeping_weak_type(jax.ShapeDtypeStruct(s.shape, s.dtype, weak_type=w))
+                for s, w in zip(leaves, weak)
+            ])
         return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), spec)
 
     def register(self, rec, binding) -> int:
@@ -1105,15 +1115,26 @@ class _Discovery:
         """Refuses outputs whose dtype depends on whether the values read are Python scalars.
 
         The state buffers hold every node's output as an array of its base signature's
-        dtype. Plain recursion passes a Python scalar returned at a leaf (a weakly typed
-        value) up as it is, and ``scalar * float16_array`` is float16 where
+        dtype. Plain recursion passes a Python scalar returned at some signature (a weakly
+        typed value: a leaf's ``return 0.5``) up as it is, and ``scalar * float16_array`` is float16 where
         ``float32_array * float16_array`` is float32: the nodes above such leaves would get
         another dtype than ``.batch`` gives them. Every signature is traced again with
-        weakly typed reads; a dtype that moves is an error.
+        reads weakly typed where some signature returns a scalar; a dtype that moves is an
+        error (also where no node reads such a scalar: the check does not follow which).
         """
-        weak = [e for e in self.fns if any(s.weak_type for s in jax.tree.leaves(e["spec"]))]
-        if not weak:
+        where = {}  # function name -> the signatures where it returns a Python scalar
+        for entry in self.fns:
+            flags = [
+                [s.weak_type for s in jax.tree.leaves(spec)] for spec in entry["sigs"].values()
+            ]
+            entry["weak"] = tuple(map(any, zip(*flags)))
+            for sig, f in zip(entry["sigs"], flags):
+                if any(f):
+                    where.setdefault(entry["rec"]._name, []).append(_describe(sig, self.kinds))
+        if not where:
             return
+        names = " and ".join(where)
+        bases = " and ".join(sorted({w for ws in where.values() for w in ws}))
         self.weak_reads = True
         try:
             for fid, entry in enumerate(self.fns):
@@ -1121,8 +1142,6 @@ class _Discovery:
                     loose = self.trace(fid, sig)
                     if _same_spec(loose, spec):
                         continue
-                    names = " and ".join(e["rec"]._name for e in weak)
-                    bases = " and ".join(sorted({self._base(self.fns.index(e)) for e in weak}))
                     moved = next(
                         a.dtype for a, b in zip(jax.tree.leaves(loose), jax.tree.leaves(spec))
                         if a.dtype != b.dtype

@@ -145,19 +145,33 @@ def batches(
     yield from _background(plan_window, windows, prefetch)
 
 
-def _check_trees(trees: list[Tree], kinds, name: str, chunk: int = 2048) -> None:
+def _check_trees(trees: list[Tree], kinds, name: str, reference=None, chunk: int = 2048):
     """Refuses a tree that planning a batch would refuse, before any training.
 
-    Chunks of trees are walked as ``Forest.from_trees`` walks them (no plans): each with
-    ``trees[0]``, so that data differing from the first tree's are refused too. An error
-    names the tree by its position in ``trees``, as ``batches`` does.
+    Chunks of trees are walked as ``Forest.from_trees`` walks them (no plans), and each
+    chunk's node data must have the first chunk's structure, shapes and dtypes (or
+    ``reference``'s: the training trees' for the evaluation trees). An error names the
+    tree by its position in ``trees``, as ``batches`` does. Returns the data's layout.
     """
     for start in range(0, len(trees), chunk):
         indices = np.arange(start, min(start + chunk, len(trees)))
         try:
-            Forest._check_trees([trees[0]] + [trees[j] for j in indices], kinds)
+            layout = Forest._check_trees([trees[j] for j in indices], kinds)
         except (ValueError, TypeError) as e:
-            raise _naming_the_tree(e, trees, np.concatenate([[0], indices]), kinds, "fit", name) from None
+            raise _naming_the_tree(e, trees, indices, kinds, "fit", name) from None
+        if reference is None:
+            reference = layout
+        elif layout != reference:
+            if start > 0:  # some tree of this chunk differs from trees[0]: name it
+                error = ValueError(f"fit: {name}: node data differ between trees.")
+                raise _naming_the_tree(error, trees, np.concatenate([[0], indices]), kinds, "fit", name)
+            raise ValueError(
+                f"fit: the node data of {name} differ from the training trees' "
+                f"(structure {layout[0]} with (dtype, shape) {list(layout[1])}, against "
+                f"{reference[0]} with {list(reference[1])}); give both the same fields, "
+                "shapes and dtypes."
+            )
+    return reference
 
 
 def _naming_the_tree(error, trees, indices, kinds, caller="batches", name="trees"):
@@ -455,9 +469,11 @@ def fit(
         eval_labels = _rows_array(eval_labels, len(eval_trees), "eval_labels")
     elif eval_labels is not None:
         raise ValueError("fit: eval_labels without eval_trees.")
-    _check_trees(trees, kinds, "trees")
+    if kinds is not None and len(set(kinds)) != len(list(kinds)):
+        raise ValueError("fit: kinds= lists a kind twice; give each kind once.")
+    layout = _check_trees(trees, kinds, "trees")
     if eval_trees is not None:
-        _check_trees(eval_trees, kinds, "eval_trees")
+        _check_trees(eval_trees, kinds, "eval_trees", reference=layout)
 
     # Strongly typed arrays: the optimizer returns strong types, so weakly typed params
     # (a Python float, ``jnp.array(0.5)``) would compile the first shape's step twice.

@@ -17,6 +17,12 @@ import recjax as rj
 # ---------------------------------------------------------------------- helpers
 
 
+# jax >= 0.7 exports it; jax 0.6.2 (the newest for Python 3.10) keeps it internal.
+_jaxprs_in_params = getattr(jax.extend.core, "jaxprs_in_params", None)
+if _jaxprs_in_params is None:
+    from jax._src.core import jaxprs_in_params as _jaxprs_in_params
+
+
 def random_forest(seed, num_trees=5, max_nodes=30, max_arity=4):
     rng = np.random.default_rng(seed)
     trees = [
@@ -473,7 +479,7 @@ def _dot_lhs_rows(jaxpr, rhs_shape):
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "dot_general" and eqn.invars[1].aval.shape == rhs_shape:
             found.append(eqn.invars[0].aval.shape[0])
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        for sub in _jaxprs_in_params(eqn.params):
             found += _dot_lhs_rows(sub, rhs_shape)
     return found
 

@@ -566,6 +566,34 @@ def test_python_scalar_outputs_get_the_dtype_plain_recursion_gives():
         down.batch(forest)
 
     @rj.recursive
+    def unary(node):  # the scalar returned at an internal signature (the unary nodes)
+        if node.is_leaf:
+            return jnp.float32(1.0)
+        if len(node.children) == 1:
+            return 0.5
+        a, b = [unary(c) for c in node.children]
+        return (a + b) * node.data["x"]
+
+    h = lambda *k: rj.Tree({"x": np.float16(2)}, list(k))  # noqa: E731
+    with pytest.raises(TypeError, match=r"unary returns float16\[\] at an internal node with 2 children .*returns one at an internal node with 1 child"):
+        unary.batch(rj.Forest.from_trees([h(h(h()), h(h()))]))
+
+    @rj.recursive
+    def kinded(node):  # returned by one kind's leaves: refused whatever the order of kinds=
+        if node.kind == "Num":
+            return jnp.float32(1.0)
+        if node.kind == "Zero":
+            return 0.5
+        a, b = [kinded(c) for c in node.children]
+        return (a + b) * node.data["x"]
+
+    k = lambda kind, *c: rj.Tree({"x": np.float16(2)}, list(c), kind=kind)  # noqa: E731
+    for kinds in (["Num", "Zero", "Add"], ["Zero", "Num", "Add"]):
+        mixed = rj.Forest.from_trees([k("Add", k("Zero"), k("Zero")), k("Add", k("Num"), k("Num"))], kinds=kinds)
+        with pytest.raises(TypeError, match=r"kinded returns float16.* at a leaf of kind 'Zero'"):
+            kinded.batch(mixed)
+
+    @rj.recursive
     def fixed(node):  # the suggested fix: the scalar gets the dtype
         if node.is_leaf:
             return jnp.asarray(0.5, jnp.float16)

@@ -338,7 +338,7 @@ def test_fit_refuses_a_bad_tree_before_training():
     kw = dict(optimizer=optax.sgd(0.1), epochs=1, batch_size=4, progress=False)
     odd = list(good)
     odd[2090] = rj.Tree(1, [rj.Tree(2)])
-    with pytest.raises(ValueError, match=r"(?s)fit: trees\[2090\] does not match trees\[0\] .*dtype int64"):
+    with pytest.raises(ValueError, match=r"(?s)fit: trees\[2090\] does not match trees\[\d+\] .*dtype int64"):
         fit(loss_fn, jnp.float32(0), odd, **kw)
     cyclic = list(good)
     loop = rj.Tree(1.0, [rj.Tree(2.0)])
@@ -350,6 +350,14 @@ def test_fit_refuses_a_bad_tree_before_training():
     eval_fn = lambda w, forest, labels: {"n": (jnp.sum(forest.root_mask), 1)}
     with pytest.raises(ValueError, match=r"(?s)fit: eval_trees\[1\]: node data must have the same structure"):
         fit(loss_fn, jnp.float32(0), good[:8], eval_fn=eval_fn, eval_trees=evals, **kw)
+    ints = [rj.Tree(1, [rj.Tree(2)])]  # all alike, but not like the training trees
+    with pytest.raises(ValueError, match=r"fit: the node data of eval_trees differ from the training trees'"):
+        fit(loss_fn, jnp.float32(0), good[:8], eval_fn=eval_fn, eval_trees=ints, **kw)
+    late = good[:2048] + [rj.Tree(1, [rj.Tree(2)])] * 52  # a whole chunk unlike the first
+    with pytest.raises(ValueError, match=r"(?s)fit: trees\[2048\] does not match trees\[0\]"):
+        fit(loss_fn, jnp.float32(0), late, **kw)
+    with pytest.raises(ValueError, match="fit: kinds= lists a kind twice"):
+        fit(loss_fn, jnp.float32(0), good[:8], kinds=["a", "a"], **kw)
     assert not calls  # nothing was traced, let alone run
 
 
