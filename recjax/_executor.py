@@ -96,7 +96,7 @@ def _buffer(arrays, key: PlanKey, s):
 def _varying_axes(x) -> frozenset:
     """The manual mesh axes ``x`` varies over (empty outside ``shard_map``)."""
     aval = jax.typeof(x)
-    mat = getattr(aval, "manual_axis_type", None)  # jax >= 0.9; ``vma`` before
+    mat = getattr(aval, "manual_axis_type", None)  # jax 0.10; older versions: ``vma``
     return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
 
 
@@ -423,9 +423,9 @@ def _on_own_rows(mine, fn, data, ctx):
 
 def _switch(index, branches, operands, anchor):
     """``lax.switch(index, branches, *operands)``, whose branch may differ between the
-    devices of ``shard_map`` (``anchor`` varies over its axes): a replicated float array
-    that a branch closes over is refused (see ``varying_like``). The operands are made
-    per-device before (``varying_like`` on the arguments)."""
+    devices of ``shard_map`` (``anchor`` varies over its axes there). The arguments are
+    already per-device (``varying_like``); a replicated float array that a branch closes
+    over is refused, since its gradient's ``psum`` would run inside the branch."""
     axes = _varying_axes(anchor)
     for branch in branches if axes else ():
         for c in jax.closure_convert(branch, *operands)[1]:

@@ -1115,12 +1115,13 @@ class _Discovery:
         """Refuses outputs whose dtype depends on whether the values read are Python scalars.
 
         The state buffers hold every node's output as an array of its base signature's
-        dtype. Plain recursion passes a Python scalar returned at some signature (a weakly
-        typed value: a leaf's ``return 0.5``) up as it is, and ``scalar * float16_array`` is float16 where
-        ``float32_array * float16_array`` is float32: the nodes above such leaves would get
-        another dtype than ``.batch`` gives them. Every signature is traced again with
-        reads weakly typed where some signature returns a scalar; a dtype that moves is an
-        error (also where no node reads such a scalar: the check does not follow which).
+        dtype. Plain recursion passes a Python scalar returned at some signature (weakly
+        typed: a leaf's ``return 0.5``) up as it is, and ``scalar * float16_array`` is
+        float16 where ``float32_array * float16_array`` is float32: the nodes above would
+        get another dtype than ``.batch`` gives them. Every signature is traced again
+        with reads weakly typed where some signature returns a scalar; a dtype that moves
+        is an error (also where no node reads such a scalar: the check does not follow
+        which nodes read which).
         """
         where = {}  # function name -> the signatures where it returns a Python scalar
         for entry in self.fns:
