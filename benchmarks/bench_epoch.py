@@ -7,7 +7,7 @@ Run (not part of the test suite)::
 
 The performance issue's targets: an epoch compiles at most 3 programs, the first compile
 takes under 3 s, and planning is never what the device waits for. The loop is ``fit``'s
-(``recjax.train.batches`` planning in a background thread, the jitted ``_train_step``),
+(its loader planning in a background thread, the jitted ``_train_step``),
 with every step ``block_until_ready``-ed so that the time spent waiting for the next batch
 is time the device had nothing to do. Two policies in one process, each with its own
 loss function (so they share no compiled programs):
@@ -20,6 +20,10 @@ loss function (so they share no compiled programs):
 Reported per epoch: new shapes (= compiles), their first-call seconds (trace + compile
 + run), the median steady step, the loader waits, rows computed per real node.
 The first shape is also compiled ahead of time with trace / lower / compile timed apart.
+
+Batches are cut out of one walk of the dataset (``train._dataset_table``), as ``fit``
+plans them. The loader's CPU per batch is reported both ways, cut from that table and
+converted tree by tree as ``batches`` does (the baseline), on the same windows.
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ from _timing import cpu_seconds  # noqa: E402
 from _workloads import make_params, sst_like_trees, tree_lstm  # noqa: E402
 
 from recjax import train  # noqa: E402
-from recjax.train import batches, masked_mean  # noqa: E402
+from recjax._forest import Forest  # noqa: E402
+from recjax.train import masked_mean  # noqa: E402
 
 
 def make_loss():
@@ -55,14 +60,36 @@ def make_loss():
     return loss_fn
 
 
-def run_policy(name, trees, labels, params, epochs, shared, window, aot=False):
+def loader_cpu_ms(trees, table, window, rounds=3):
+    """Median loader CPU (thread time) per batch of 32 over every window of an epoch:
+    cut from ``table`` as ``fit`` does, and converted tree by tree as ``batches`` does."""
+    order = np.random.default_rng(1).permutation(len(trees))
+    groups = [order[i : i + 32] for i in range(0, order.size, 32)]
+    cut, walked = [], []
+    for _ in range(rounds):
+        for start in range(0, len(groups), window):
+            w = groups[start : start + window]
+            t0 = time.thread_time()
+            Forest._pad_parts([table.arrays(g) for g in w], None, [])
+            t1 = time.thread_time()
+            Forest._pad_trees([[trees[j] for j in g] for g in w], None, [])
+            t2 = time.thread_time()
+            cut.append(1e3 * (t1 - t0) / len(w))
+            walked.append(1e3 * (t2 - t1) / len(w))
+    return statistics.median(cut), statistics.median(walked)
+
+
+def run_policy(name, trees, table, labels, params, epochs, shared, window, aot=False):
     loss_fn, opt = make_loss(), optax.adagrad(0.05)
     state = opt.init(params)
     shapes: list | None = [] if shared else None
     seen = set()
     report = []
     for epoch in range(epochs):
-        it = batches(trees, 32, seed=0, epoch=epoch, window=window, shapes=shapes)
+        it = train._batches(  # what fit iterates
+            trees, 32, table, seed=0, epoch=epoch, group_by_size=False, window=window,
+            prefetch=2, sizes=None, shapes=shapes, kinds=None,
+        )
         waits, steps, compiles, rows, real = [], [], [], 0, 0
         t_epoch = time.perf_counter()
         while True:
@@ -131,11 +158,20 @@ def main():
     params = make_params(np.random.default_rng(0))
     params["out"] = jnp.asarray(0.1 * rng.standard_normal((150, 5)), jnp.float32)
 
+    t0 = time.perf_counter()
+    table = train._dataset_table(trees, None)
+    print(f"one walk of the dataset (fit's check and table): {time.perf_counter() - t0:.2f} s")
+    cut, walked = loader_cpu_ms(trees, table, args.window)
+    print(f"loader CPU per batch of 32: cut from the table {cut:.2f} ms, tree by tree "
+          f"{walked:.2f} ms ({walked / cut:.2f}x)", flush=True)
+
     busy0, own0 = cpu_seconds()
     t0 = time.perf_counter()
     results = {}
     for name, shared, aot in (("shared shapes", True, True), ("per-window shapes", False, False)):
-        results[name] = run_policy(name, trees, labels, params, args.epochs, shared, args.window, aot)
+        results[name] = run_policy(
+            name, trees, table, labels, params, args.epochs, shared, args.window, aot
+        )
     wall = time.perf_counter() - t0
     busy1, own1 = cpu_seconds()
     if busy0 is not None:

@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from ._forest import Forest
+from ._forest import Forest, _TreeTable
 from ._tree import Tree
 
 
@@ -116,6 +116,18 @@ def batches(
       >>> sorted(b.indices.size for b in batches(trees, 4, seed=1))
       [2, 4, 4]
     """
+    return _batches(
+        trees, batch_size, None, seed=seed, epoch=epoch, group_by_size=group_by_size,
+        window=window, prefetch=prefetch, sizes=sizes, shapes=shapes, kinds=kinds,
+    )
+
+
+def _batches(
+    trees, batch_size, table: _TreeTable | None, *, seed, epoch, group_by_size, window,
+    prefetch, sizes, shapes, kinds,
+) -> Iterator[Batch]:
+    """``batches``, converting each batch from ``table`` (``trees``' ``_TreeTable``) when
+    one is given rather than walking its trees."""
     if batch_size < 1 or window < 1 or prefetch < 1:
         raise ValueError("batch_size, window and prefetch must be at least 1.")
     if not len(trees):
@@ -137,12 +149,26 @@ def batches(
 
     def plan_window(w):
         try:
-            forests = Forest._pad_trees([[trees[j] for j in g] for g in w], kinds=kinds, shapes=shapes)
+            if table is None:
+                forests = Forest._pad_trees([[trees[j] for j in g] for g in w], kinds, shapes)
+            else:
+                forests = Forest._pad_parts([table.arrays(g) for g in w], kinds, shapes)
         except (ValueError, TypeError) as e:
             raise _naming_the_tree(e, trees, np.concatenate(w), kinds) from None
         return [Batch(f, g) for f, g in zip(forests, w)]
 
     yield from _background(plan_window, windows, prefetch)
+
+
+def _dataset_table(trees: list[Tree], kinds) -> _TreeTable | None:
+    """The training trees walked once (``fit`` plans every epoch's batches from it), or
+    None when a node is in several trees. A tree the walk refuses is named by
+    ``_check_trees``, as ``batches`` would name it."""
+    try:
+        return _TreeTable.build(trees, kinds)
+    except (ValueError, TypeError):
+        _check_trees(trees, kinds, "trees")  # raises, naming the tree
+        return None  # not expected: then plan as batches does, tree by tree
 
 
 def _check_trees(trees: list[Tree], kinds, name: str, reference=None, chunk: int = 2048):
@@ -391,6 +417,11 @@ def fit(
     belong in the trees' node data (``forest.data["label"]``). Rows of padding roots
     copy the batch's first real row.
 
+    The training trees are read once, before the first step: they are checked and walked
+    into arrays (a copy of their node data) that every epoch's batches are cut from, so
+    changing them during ``fit`` changes nothing. When a subtree is shared between trees
+    the batches are converted tree by tree instead, as ``batches`` does.
+
     Args:
       loss_fn: ``loss_fn(params, forest, labels) -> scalar``; ``labels`` is the batch's
         rows of ``labels`` (``None`` without labels).
@@ -471,7 +502,8 @@ def fit(
         raise ValueError("fit: eval_labels without eval_trees.")
     if kinds is not None and len(set(kinds)) != len(list(kinds)):
         raise ValueError("fit: kinds= lists a kind twice; give each kind once.")
-    layout = _check_trees(trees, kinds, "trees")
+    table = _dataset_table(trees, kinds)
+    layout = _check_trees(trees, kinds, "trees") if table is None else table.layout
     if eval_trees is not None:
         _check_trees(eval_trees, kinds, "eval_trees", reference=layout)
 
@@ -480,7 +512,7 @@ def fit(
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.asarray(x).dtype), params)
     opt_state = optimizer.init(params)
     history: list[dict] = []
-    sizes = tree_sizes(trees)
+    sizes = tree_sizes(trees) if table is None else table.sizes
     config = {
         "seed": int(seed), "batch_size": int(batch_size), "num_trees": len(trees),
         "window": int(window), "tree_sizes": _digest(sizes), "labels": _digest(labels),
@@ -511,9 +543,9 @@ def fit(
             file=sys.stderr,
         )
         with bar, contextlib.closing(
-            batches(
-                trees, batch_size, seed=seed, epoch=epoch, window=window, sizes=sizes,
-                shapes=shapes, kinds=kinds,
+            _batches(
+                trees, batch_size, table, seed=seed, epoch=epoch, group_by_size=False,
+                window=window, prefetch=2, sizes=sizes, shapes=shapes, kinds=kinds,
             )
         ) as epoch_batches:
             known = len(shapes)

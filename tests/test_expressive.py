@@ -565,7 +565,9 @@ def test_pool_errors():
     leaf, mid = rj.Tree(3.0), rj.Tree(2.0)
     shared = rj.Tree(1.0, [rj.Tree(2.0, [leaf])])
     for trees in ([shared, shared], [rj.Tree(0.0, [leaf]), rj.Tree(1.0, [leaf])],
-                  [rj.Tree(0.0, [mid]), rj.Tree(1.0, [rj.Tree(5.0, [mid])])]):
+                  [rj.Tree(0.0, [mid]), rj.Tree(1.0, [rj.Tree(5.0, [mid])])],
+                  # a node of one tree passed as another tree's root, after it or before
+                  [rj.Tree(0.0, [mid]), mid], [mid, rj.Tree(0.0, [mid])]):
         with pytest.raises(ValueError, match="belongs to several trees"):
             rj.Forest.from_trees(trees).pool(jnp.ones(rj.Forest.from_trees(trees).num_nodes))
     # shared inside one tree only: one node, one tree, pooled once

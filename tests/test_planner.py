@@ -10,7 +10,8 @@ import pytest
 
 import recjax as rj
 from models import random_binary_tree, random_tree
-from recjax import _planner
+from recjax import _planner, train
+from recjax._forest import _TreeTable, _tree_arrays
 
 
 def random_dag(rng, n, max_children, share):
@@ -422,3 +423,73 @@ def test_padding_trees_checks_them_like_from_trees():
         rj.Forest._pad_trees([[rj.Tree(1.0)], [rj.Tree(1.0), 3]])
     with pytest.raises(ValueError, match="Forest.from_trees got no trees"):
         rj.Forest._pad_trees([[]])
+
+
+def _dataset(rng, kinds):
+    """Random trees with several data fields, some with a subtree shared inside the tree."""
+    trees = []
+    for t in _random_forest_trees(rng, kinds):
+        def redata(t):
+            kids = [redata(c) for c in t.children]
+            if kids and rng.random() < 0.2:  # a DAG inside one tree
+                kids.append(kids[0])
+            data = {"x": np.float32(rng.normal()), "v": rng.normal(size=3).astype(np.float32),
+                    "k": int(rng.integers(100))}
+            return rj.Tree(data, kids, kind=t.kind)
+
+        trees.append(redata(t))
+    return trees
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("kinds", [None, ("A", "B", "C")])
+def test_a_tree_table_cuts_out_what_walking_the_trees_gives(seed, kinds):
+    # fit walks its dataset once into a _TreeTable and cuts every batch out of it.
+    rng = np.random.default_rng(seed)
+    trees = _dataset(rng, kinds) + _dataset(rng, kinds)
+    table = _TreeTable.build(trees, kinds)
+    assert table.sizes.tolist() == train.tree_sizes(trees).tolist()
+    assert table.layout == rj.Forest._check_trees(trees, kinds)
+    groups = [rng.permutation(len(trees))[: int(rng.integers(1, len(trees) + 1))] for _ in range(6)]
+    groups += [np.arange(len(trees)), np.array([len(trees) - 1])]
+    for g in groups:
+        got = table.arrays(g)
+        want = _tree_arrays([trees[j] for j in g], kinds)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(a, b)
+            assert a.dtype == b.dtype
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+    seen_fast, seen_slow = [], []
+    fast = rj.Forest._pad_parts([table.arrays(g) for g in groups], kinds, seen_fast)
+    slow = rj.Forest._pad_trees([[trees[j] for j in g] for g in groups], kinds, seen_slow)
+    assert seen_fast == seen_slow
+    for a, b in zip(fast, slow, strict=True):
+        assert a._meta == b._meta
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_no_tree_table_when_trees_share_a_node():
+    leaf = rj.Tree(1.0)
+    a, b = rj.Tree(0.0, [leaf]), rj.Tree(0.0, [leaf, rj.Tree(2.0)])
+    assert _TreeTable.build([a, rj.Tree(3.0)], None) is not None
+    assert _TreeTable.build([a, b], None) is None  # a subtree in two trees
+    assert _TreeTable.build([a, rj.Tree(3.0), a], None) is None  # a tree listed twice
+    assert _TreeTable.build([a, leaf], None) is None  # a root that is another tree's node
+    assert _TreeTable.build([leaf, a], None) is None
+
+
+def test_a_tree_table_refuses_what_from_trees_refuses():
+    bad = [
+        ([rj.Tree(1.0), rj.Tree(1)], ValueError, "same structure, shapes and dtypes"),
+        ([rj.Tree(1.0, kind="A")], ValueError, "no kinds= vocabulary"),
+        ([rj.Tree(1.0), 3], TypeError, "element 1 is a int"),
+    ]
+    loop = rj.Tree(1.0, [rj.Tree(2.0)])
+    loop.children[0].children = (loop,)
+    bad.append(([loop], ValueError, "cycle"))
+    for trees, error, message in bad:
+        with pytest.raises(error, match=message):
+            rj.Forest.from_trees(trees)
+        with pytest.raises(error, match=message):
+            _TreeTable.build(trees, None)

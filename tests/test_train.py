@@ -150,6 +150,34 @@ def test_batches_and_fit_take_a_kind_vocabulary():
         next(batches(trees, 8))
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_fit_cuts_its_batches_out_of_one_walk_of_the_trees(monkeypatch, shared):
+    """fit walks the training trees once (a _TreeTable) and cuts every epoch's batches out
+    of it: the same run as converting each batch's trees, which it does instead when a
+    subtree is in several trees."""
+    rng = np.random.default_rng(6)
+    trees = [random_expression(rng, 5) for _ in range(40)]
+    if shared:
+        trees[7] = rj.Tree(np.float32(0), [trees[3], trees[5]], kind="Add")
+    labels = jnp.asarray(np.array([calc(jnp.float32(0.9), t) for t in trees]) * 0.5)
+
+    def loss(p, forest, y):
+        return masked_mean((calc.roots(p, forest) - y) ** 2, forest.root_mask)
+
+    tables = []
+    walk_once = train._dataset_table
+    monkeypatch.setattr(train, "_dataset_table", lambda *a: tables.append(walk_once(*a)) or tables[-1])
+    kw = dict(labels=labels, optimizer=optax.adam(0.01), epochs=3, batch_size=8, window=2,
+              kinds=OPS, progress=False)
+    cut = fit(loss, jnp.float32(0.3), trees, **kw)
+    assert (tables[0] is None) == shared
+    monkeypatch.setattr(train, "_dataset_table", lambda *a: None)
+    walked = fit(loss, jnp.float32(0.3), trees, **kw)
+    assert float(cut.params) == float(walked.params) != 0.3
+    for a, b in zip(cut.history, walked.history, strict=True):
+        assert (a["loss"], a["new_shapes"]) == (b["loss"], b["new_shapes"])
+
+
 def test_loader_errors_reach_the_consumer_and_early_exit_stops_the_thread():
     trees = [rj.Tree(1.0)] * 5 + [rj.Tree(1)]  # an int node: schema mismatch in its batch
     with pytest.raises(ValueError, match="same structure, shapes and dtypes"):
@@ -265,7 +293,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(whole_run, tmp_path, m
     trees, labels = TRAIN
     kw = dict(labels=labels, optimizer=ADAM, epochs=4, batch_size=16, progress=False,
               checkpoint_dir=tmp_path)
-    real_batches = train.batches
+    real_batches = train._batches  # what fit calls
 
     def crashing_batches(*args, epoch, **kwargs):  # the process dies after a step of epoch 3
         with contextlib.closing(real_batches(*args, epoch=epoch, **kwargs)) as epoch_batches:
@@ -274,10 +302,10 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(whole_run, tmp_path, m
                     raise KeyboardInterrupt
                 yield b
 
-    monkeypatch.setattr(train, "batches", crashing_batches)
+    monkeypatch.setattr(train, "_batches", crashing_batches)
     with pytest.raises(KeyboardInterrupt):
         fit(root_loss, _params(), trees, **kw)
-    monkeypatch.setattr(train, "batches", real_batches)
+    monkeypatch.setattr(train, "_batches", real_batches)
     assert os.listdir(tmp_path) == [train.CHECKPOINT_FILE]  # no temporary file left
     with np.load(tmp_path / train.CHECKPOINT_FILE, allow_pickle=False) as saved:
         assert json.loads(str(saved["meta"]))["epoch"] == 2  # epoch 3's first step is lost
