@@ -745,12 +745,34 @@ class _TreeTable:
     from trees that must not change while the table is in use.
     """
 
-    def __init__(self, child_ptr, child_idx, data, start, kind):
+    def __init__(self, child_ptr, child_idx, data, start, kind, roots=None):
         self.child_ptr, self.child_idx, self.data, self.kind = child_ptr, child_idx, data, kind
         self.start = start
         self.sizes = np.diff(np.append(start, child_ptr.shape[0] - 1))
         self.degree = np.diff(child_ptr)
+        # each tree's root, counted from its first node (0 for Tree objects: pre-order)
+        self.root_offset = np.zeros_like(start) if roots is None else roots - start
         self.layout = _layout(data)
+
+    @classmethod
+    def of_forest(cls, forest: Forest) -> _TreeTable:
+        """The trees of an unpadded, unstacked forest with every node in one tree (the
+        caller checks): each tree's nodes are renumbered to be contiguous, in their order."""
+        n = forest.num_nodes
+        tree = np.asarray(forest.tree_of, dtype=np.int64)[:n]
+        order = np.argsort(tree, kind="stable")
+        new = np.empty(n, dtype=np.int64)
+        new[order] = np.arange(n)
+        child_ptr = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(np.diff(forest.child_ptr)[order], out=child_ptr[1:])
+        first_edge = forest.child_ptr[order]
+        edge = np.arange(child_ptr[-1]) + np.repeat(first_edge - child_ptr[:-1], np.diff(child_ptr))
+        child_idx = new[forest.child_idx[edge]]
+        start = np.zeros(forest.roots.shape[0], dtype=np.int64)
+        np.cumsum(np.bincount(tree, minlength=start.size)[:-1], out=start[1:])
+        data = jax.tree.map(lambda a: np.asarray(a)[:n][order], forest.data)
+        kind = None if forest._kind is None else forest._kind[order]
+        return cls(child_ptr, child_idx, data, start, kind, new[np.asarray(forest.roots)])
 
     @classmethod
     def build(cls, trees: list[Tree], kinds=None) -> _TreeTable | None:
@@ -779,7 +801,7 @@ class _TreeTable:
         child_idx = self.child_idx[edge] - np.repeat(shift, edges)
         data = jax.tree.map(lambda a: a[node], self.data)
         kind = None if self.kind is None else self.kind[node]
-        return child_ptr, child_idx, data, offset[:-1], kind
+        return child_ptr, child_idx, data, offset[:-1] + self.root_offset[indices], kind
 
 
 def _kind_list(kind, n):

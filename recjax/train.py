@@ -37,8 +37,9 @@ from ._tree import Tree
 class Batch(NamedTuple):
     """One batch: a padded Forest and which input trees its roots are.
 
-    ``forest.roots[i]`` is the root of ``trees[indices[i]]`` for ``i < len(indices)``;
-    later roots are padding (``forest.root_mask`` is False there).
+    ``forest.roots[i]`` is the root of ``trees[indices[i]]`` (of the tree rooted at
+    ``roots[indices[i]]`` when the dataset is a Forest) for ``i < len(indices)``; later
+    roots are padding (``forest.root_mask`` is False there).
     """
 
     forest: Forest
@@ -61,7 +62,7 @@ def tree_sizes(trees: Sequence[Tree]) -> np.ndarray:
 
 
 def batches(
-    trees: Sequence[Tree],
+    trees: Sequence[Tree] | Forest,
     batch_size: int,
     *,
     seed: int = 0,
@@ -96,7 +97,11 @@ def batches(
     raised here.
 
     Args:
-      trees: the dataset.
+      trees: the dataset: ``Tree`` objects, or a Forest of many trees as
+        ``Forest.from_trees``, ``from_parents`` or ``from_children`` returned it (not
+        padded, each node in one tree), whose tree ``i`` is ``roots[i]``. A Forest's
+        batches are cut out of its arrays with numpy, without walking Python objects
+        (several times faster to plan, benchmarks/RESULTS.md); ``kinds`` is then its own.
       batch_size: trees per batch (the last batch of the epoch may hold fewer).
       seed, epoch: the shuffle is a function of both, so epochs differ and repeat.
       group_by_size: sort trees by size within each window before batching (fewer
@@ -116,8 +121,11 @@ def batches(
       >>> sorted(b.indices.size for b in batches(trees, 4, seed=1))
       [2, 4, 4]
     """
+    table = None
+    if isinstance(trees, Forest):
+        table, kinds = _forest_table(trees, kinds, "batches")
     return _batches(
-        trees, batch_size, None, seed=seed, epoch=epoch, group_by_size=group_by_size,
+        trees, batch_size, table, seed=seed, epoch=epoch, group_by_size=group_by_size,
         window=window, prefetch=prefetch, sizes=sizes, shapes=shapes, kinds=kinds,
     )
 
@@ -130,13 +138,16 @@ def _batches(
     one is given rather than walking its trees."""
     if batch_size < 1 or window < 1 or prefetch < 1:
         raise ValueError("batch_size, window and prefetch must be at least 1.")
-    if not len(trees):
+    num_trees = len(trees) if table is None else table.start.size
+    if not num_trees:
         raise ValueError("batches: no trees.")
     rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(len(trees))
+    order = rng.permutation(num_trees)
     span = window * batch_size
     if group_by_size:
-        sizes = tree_sizes(trees) if sizes is None else np.asarray(sizes)
+        if sizes is None:
+            sizes = tree_sizes(trees) if table is None else table.sizes
+        sizes = np.asarray(sizes)
         for start in range(0, order.size, span):
             chunk = order[start : start + span]
             order[start : start + span] = chunk[np.argsort(sizes[chunk], kind="stable")]
@@ -154,10 +165,45 @@ def _batches(
             else:
                 forests = Forest._pad_parts([table.arrays(g) for g in w], kinds, shapes)
         except (ValueError, TypeError) as e:
+            if isinstance(trees, Forest):  # checked when it was built: not expected
+                raise
             raise _naming_the_tree(e, trees, np.concatenate(w), kinds) from None
         return [Batch(f, g) for f, g in zip(forests, w)]
 
     yield from _background(plan_window, windows, prefetch)
+
+
+def _forest_table(forest: Forest, kinds, where: str) -> tuple[_TreeTable, list | None]:
+    """A Forest given as the dataset, checked, as a ``_TreeTable`` of its trees; and the
+    kinds vocabulary its batches take (the Forest's own)."""
+    forest._check_not_stacked(where)
+    own = forest._meta.kinds
+    if forest.child_ptr is None or (own is not None and forest._kind is None):
+        raise ValueError(
+            f"{where}: this Forest has lost its host-side structure (it went through "
+            "jax.tree.map, device_put or a transformation); pass the Forest that "
+            "Forest.from_trees, from_parents or from_children returned."
+        )
+    if not (np.all(forest.node_mask) and np.all(forest.root_mask)):
+        raise ValueError(
+            f"{where}: this Forest is padded (node_mask or root_mask has False entries); "
+            "pass it as Forest.from_trees, from_parents or from_children returned it, "
+            "before padded() or pad_all(): each batch is padded on its own."
+        )
+    if forest._meta.cross_tree_node >= 0:
+        raise ValueError(
+            f"{where}: node {forest._meta.cross_tree_node} of this Forest belongs to "
+            "several trees, and a batch holds whole trees; give each tree its own copy "
+            "of the nodes it shares (or pass the Tree objects, which are batched tree "
+            "by tree)."
+        )
+    if kinds is not None and (own is None or tuple(kinds) != own):
+        raise ValueError(
+            f"{where}: kinds={list(kinds)} differs from this Forest's vocabulary "
+            f"({None if own is None else list(own)}); leave kinds= out: a Forest's "
+            "batches take its own."
+        )
+    return _TreeTable.of_forest(forest), None if own is None else list(own)
 
 
 def _dataset_table(trees: list[Tree], kinds) -> _TreeTable | None:
@@ -191,13 +237,17 @@ def _check_trees(trees: list[Tree], kinds, name: str, reference=None, chunk: int
             if start > 0:  # some tree of this chunk differs from trees[0]: name it
                 error = ValueError(f"fit: {name}: node data differ between trees.")
                 raise _naming_the_tree(error, trees, np.concatenate([[0], indices]), kinds, "fit", name)
-            raise ValueError(
-                f"fit: the node data of {name} differ from the training trees' "
-                f"(structure {layout[0]} with (dtype, shape) {list(layout[1])}, against "
-                f"{reference[0]} with {list(reference[1])}); give both the same fields, "
-                "shapes and dtypes."
-            )
+            raise _layouts_differ(name, layout, reference)
     return reference
+
+
+def _layouts_differ(name, layout, reference) -> ValueError:
+    return ValueError(
+        f"fit: the node data of {name} differ from the training trees' "
+        f"(structure {layout[0]} with (dtype, shape) {list(layout[1])}, against "
+        f"{reference[0]} with {list(reference[1])}); give both the same fields, "
+        "shapes and dtypes."
+    )
 
 
 def _naming_the_tree(error, trees, indices, kinds, caller="batches", name="trees"):
@@ -374,7 +424,7 @@ CHECKPOINT_FILE = "checkpoint.npz"
 def fit(
     loss_fn: Callable[[Any, Forest, Any], jax.Array],
     params: Any,
-    trees: Sequence[Tree],
+    trees: Sequence[Tree] | Forest,
     *,
     optimizer: optax.GradientTransformation,
     epochs: int,
@@ -383,7 +433,7 @@ def fit(
     seed: int = 0,
     window: int = 16,
     eval_fn: Callable[[Any, Forest, Any], dict] | None = None,
-    eval_trees: Sequence[Tree] | None = None,
+    eval_trees: Sequence[Tree] | Forest | None = None,
     eval_labels: Any = None,
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = True,
@@ -420,14 +470,16 @@ def fit(
     The training trees are read once, before the first step: they are checked and walked
     into arrays (a copy of their node data) that every epoch's batches are cut from, so
     changing them during ``fit`` changes nothing. When a subtree is shared between trees
-    the batches are converted tree by tree instead, as ``batches`` does.
+    the batches are converted tree by tree instead, as ``batches`` does. A Forest of
+    the whole training set is cut into batches directly.
 
     Args:
       loss_fn: ``loss_fn(params, forest, labels) -> scalar``; ``labels`` is the batch's
         rows of ``labels`` (``None`` without labels).
       params: initial parameters (a pytree of arrays). When resuming they only give the
         structure, which must match the checkpoint's.
-      trees: the training set.
+      trees: the training set: ``Tree`` objects, or a Forest of many trees (see
+        ``batches``).
       optimizer: an optax transformation.
       epochs: total number of epochs, counting those already in the checkpoint.
       batch_size: trees per batch.
@@ -482,29 +534,45 @@ def fit(
       >>> round(float(w), 3), len(history), history[-1]["loss"] < history[0]["loss"]
       (3.0, 10, True)
     """
-    trees = list(trees)
     if epochs < 0 or batch_size < 1 or window < 1:
         raise ValueError(
             f"fit needs epochs >= 0, batch_size >= 1 and window >= 1; got {epochs}, "
             f"{batch_size} and {window}."
         )
-    if not trees:
-        raise ValueError("fit: no training trees.")
-    labels = _rows_array(labels, len(trees), "labels")
-    if (eval_fn is None) != (eval_trees is None):
-        raise ValueError("fit: pass eval_fn and eval_trees together (or neither).")
-    if eval_trees is not None:
-        eval_trees = list(eval_trees)
-        if not eval_trees:
-            raise ValueError("fit: eval_trees is empty.")
-        eval_labels = _rows_array(eval_labels, len(eval_trees), "eval_labels")
-    elif eval_labels is not None:
-        raise ValueError("fit: eval_labels without eval_trees.")
     if kinds is not None and len(set(kinds)) != len(list(kinds)):
         raise ValueError("fit: kinds= lists a kind twice; give each kind once.")
-    table = _dataset_table(trees, kinds)
-    layout = _check_trees(trees, kinds, "trees") if table is None else table.layout
+    table = None
+    if isinstance(trees, Forest):
+        table, kinds = _forest_table(trees, kinds, "fit: trees")
+        num_trees = table.start.size
+    else:
+        trees = list(trees)
+        num_trees = len(trees)
+    if not num_trees:
+        raise ValueError("fit: no training trees.")
+    labels = _rows_array(labels, num_trees, "labels")
+    if (eval_fn is None) != (eval_trees is None):
+        raise ValueError("fit: pass eval_fn and eval_trees together (or neither).")
+    eval_table = None
     if eval_trees is not None:
+        if isinstance(eval_trees, Forest):
+            eval_table, _ = _forest_table(eval_trees, kinds, "fit: eval_trees")
+            num_eval = eval_table.start.size
+        else:
+            eval_trees = list(eval_trees)
+            num_eval = len(eval_trees)
+        if not num_eval:
+            raise ValueError("fit: eval_trees is empty.")
+        eval_labels = _rows_array(eval_labels, num_eval, "eval_labels")
+    elif eval_labels is not None:
+        raise ValueError("fit: eval_labels without eval_trees.")
+    if table is None:
+        table = _dataset_table(trees, kinds)
+    layout = _check_trees(trees, kinds, "trees") if table is None else table.layout
+    if eval_table is not None:
+        if eval_table.layout != layout:
+            raise _layouts_differ("eval_trees", eval_table.layout, layout)
+    elif eval_trees is not None:
         _check_trees(eval_trees, kinds, "eval_trees", reference=layout)
 
     # Strongly typed arrays: the optimizer returns strong types, so weakly typed params
@@ -514,7 +582,7 @@ def fit(
     history: list[dict] = []
     sizes = tree_sizes(trees) if table is None else table.sizes
     config = {
-        "seed": int(seed), "batch_size": int(batch_size), "num_trees": len(trees),
+        "seed": int(seed), "batch_size": int(batch_size), "num_trees": num_trees,
         "window": int(window), "tree_sizes": _digest(sizes), "labels": _digest(labels),
     }
     path = None
@@ -530,7 +598,7 @@ def fit(
                     f"epochs >= {len(history)}, or resume=False to start over."
                 )
 
-    num_batches = -(-len(trees) // batch_size)
+    num_batches = -(-num_trees // batch_size)
     eval_batches = None
     shapes: list = []  # batch shapes padded to so far: the compiled train steps
     for epoch in range(len(history), epochs):

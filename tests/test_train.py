@@ -493,3 +493,130 @@ def test_fit_rejects_misaligned_labels_and_bad_eval_fn():
     with pytest.raises(TypeError, match=r"dict of \(sum, count\) pairs.*'mse' is a"):
         fit(size_loss, jnp.array(0.0), SMALL, eval_trees=SMALL, eval_labels=kw["labels"],
             eval_fn=lambda w, f, y: {"mse": size_loss(w, f, y)}, **kw)
+
+
+# ---------------------------------------------------------------------- a Forest as the dataset
+
+
+@rj.recursive
+def weighted(p, node):
+    """Order-sensitive (child k weighs k + 1.5) and kind-sensitive."""
+    out = node.data["x"] * (p if node.kind == "A" else 1.0 - p)
+    for k, c in enumerate(node.children):
+        out = out + (k + 1.5) * jnp.tanh(weighted(p, c))
+    return out
+
+
+def interleaved_parents(rng, num_trees):
+    """A parent array of random trees (arity <= 3) whose node ids are shuffled across
+    trees, so a tree's nodes are not contiguous and its root is rarely its first node;
+    with the Tree objects that mean the same trees, in the Forest's root order."""
+    parents, sizes = [], []
+    for _ in range(num_trees):
+        n = int(rng.integers(1, 12))
+        parent = [-1]
+        for i in range(1, n):
+            while True:
+                q = int(rng.integers(i))
+                if parent.count(q) < 3:
+                    break
+            parent.append(q)
+        parents.append(parent)
+        sizes.append(n)
+    offsets = np.cumsum([0] + sizes[:-1])
+    local = np.concatenate([np.array(p) + (p_ >= 0) * o for p, o in zip(parents, offsets) for p_ in [np.array(p)]])
+    perm = rng.permutation(local.size)  # old id -> new id
+    parent = np.full(local.size, -1)
+    parent[perm[local >= 0]] = perm[local[local >= 0]]
+    x = rng.normal(size=local.size).astype(np.float32)
+    kind = [("A", "B")[int(k)] for k in rng.integers(2, size=local.size)]
+    forest = rj.Forest.from_parents(parent, {"x": x}, kind=kind, kinds=("A", "B"))
+
+    def tree(i):  # children in increasing id, as from_parents orders them
+        kids = np.flatnonzero(parent == i)
+        return rj.Tree({"x": x[i]}, [tree(int(j)) for j in kids], kind=kind[i])
+
+    return forest, [tree(int(r)) for r in forest.roots]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_batches_of_a_parent_array_forest_match_plain_recursion(seed):
+    rng = np.random.default_rng(seed)
+    forest, trees = interleaved_parents(rng, 37)
+    p = jnp.float32(0.7)
+    want = np.array([weighted(p, t) for t in trees])
+    grad_want = np.array([jax.grad(lambda p, t=t: weighted(p, t))(p) for t in trees])
+    seen = []
+    for b in batches(forest, 8, seed=seed, window=2):
+        k = b.indices.size
+        np.testing.assert_allclose(np.asarray(weighted.roots(p, b.forest))[:k], want[b.indices], rtol=1e-5, atol=1e-6)
+        grads = jax.jacrev(lambda p: weighted.roots(p, b.forest)[:k])(p)
+        np.testing.assert_allclose(np.asarray(grads), grad_want[b.indices], rtol=1e-4, atol=1e-5)
+        seen.extend(b.indices.tolist())
+    assert sorted(seen) == list(range(37))
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_batches_of_a_forest_of_trees_equal_batches_of_the_trees(seed):
+    rng = np.random.default_rng(seed)
+    trees = [random_expression(rng, 4) for _ in range(50)]
+    forest = rj.Forest.from_trees(trees, kinds=OPS)
+    shapes_a, shapes_b = [], []
+    for epoch in range(2):
+        pairs = zip(batches(forest, 8, epoch=epoch, window=3, shapes=shapes_a),
+                    batches(trees, 8, epoch=epoch, window=3, shapes=shapes_b, kinds=OPS), strict=True)
+        for a, b in pairs:
+            assert a.indices.tolist() == b.indices.tolist() and a.forest._meta == b.forest._meta
+            for x, y in zip(jax.tree.leaves(a.forest), jax.tree.leaves(b.forest), strict=True):
+                np.testing.assert_array_equal(x, y)
+            np.testing.assert_array_equal(a.forest.child_idx, b.forest.child_idx)
+    assert shapes_a == shapes_b
+    sized = [b.indices.tolist() for b in batches(forest, 8, group_by_size=True)]
+    assert sized == [b.indices.tolist() for b in batches(trees, 8, group_by_size=True, kinds=OPS)]
+
+
+def test_fit_on_a_forest_equals_fit_on_its_trees():
+    rng = np.random.default_rng(7)
+    trees = [random_expression(rng, 5) for _ in range(40)]
+    held = [random_expression(rng, 5) for _ in range(9)]
+    labels = jnp.asarray(np.array([calc(jnp.float32(0.9), t) for t in trees]) * 0.5)
+    held_labels = jnp.asarray(np.array([calc(jnp.float32(0.9), t) for t in held]) * 0.5)
+
+    def loss(p, forest, y):
+        return masked_mean((calc.roots(p, forest) - y) ** 2, forest.root_mask)
+
+    def metrics(p, forest, y):
+        err = jnp.where(forest.root_mask, (calc.roots(p, forest) - y) ** 2, 0.0)
+        return {"mse": (jnp.sum(err), jnp.sum(forest.root_mask))}
+
+    kw = dict(labels=labels, optimizer=optax.adam(0.01), epochs=2, batch_size=8, window=2,
+              eval_fn=metrics, eval_labels=held_labels, progress=False)
+    of_trees = fit(loss, jnp.float32(0.3), trees, eval_trees=held, kinds=OPS, **kw)
+    of_forests = fit(loss, jnp.float32(0.3), rj.Forest.from_trees(trees, kinds=OPS),
+                     eval_trees=rj.Forest.from_trees(held, kinds=OPS), **kw)
+    assert float(of_trees.params) == float(of_forests.params) != 0.3
+    for a, b in zip(of_trees.history, of_forests.history, strict=True):
+        assert (a["loss"], a["metrics"], a["new_shapes"]) == (b["loss"], b["metrics"], b["new_shapes"])
+
+
+def test_a_forest_dataset_is_refused_when_batches_cannot_cut_it():
+    leaf = rj.Tree(1.0)
+    good = rj.Forest.from_trees([rj.Tree(0.0, [leaf]), rj.Tree(2.0)])
+    cases = [
+        (good.padded(num_roots=4), ValueError, "batches: this Forest is padded"),
+        (rj.Forest.from_trees([rj.Tree(0.0, [leaf]), rj.Tree(2.0, [leaf])]), ValueError,
+         "batches: node 1 of this Forest belongs to several trees"),
+        (jax.tree.map(lambda a: a, good), ValueError, "lost its host-side structure"),
+        (jax.tree.map(lambda *a: np.stack(a), good, good), TypeError, "stacked on a leading axis"),
+    ]
+    for forest, error, message in cases:
+        with pytest.raises(error, match=message):
+            batches(forest, 2)
+    with pytest.raises(ValueError, match=r"kinds=\['A'\] differs from this Forest's vocabulary \(None\)"):
+        batches(good, 2, kinds=["A"])
+    with pytest.raises(ValueError, match="fit: trees: this Forest is padded"):
+        fit(lambda p, f, y: 0.0, 0.0, good.padded(num_roots=4), optimizer=optax.sgd(0.1), epochs=1, batch_size=2)
+    ints = rj.Forest.from_trees([rj.Tree(1), rj.Tree(2)])
+    with pytest.raises(ValueError, match="the node data of eval_trees differ from the training trees'"):
+        fit(lambda p, f, y: 0.0, 0.0, good, optimizer=optax.sgd(0.1), epochs=1, batch_size=2,
+            eval_fn=lambda p, f, y: {}, eval_trees=ints)
