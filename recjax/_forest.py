@@ -926,7 +926,10 @@ def _stack_tree_data(datas: list) -> Any:
         if set(map(type, datas)) == {dict} and set(map(len, datas)) == {len(first)}:
             names = sorted(first)  # the pytree order of dict keys
             try:
-                stacked = [_stack_column(tuple(map(operator.itemgetter(k), datas))) for k in names]
+                stacked = [
+                    _stack_column(tuple(map(operator.itemgetter(k), datas)), f"data[{k!r}]", True)
+                    for k in names
+                ]
             except KeyError:
                 stacked = [None]
             if all(a is not None for a in stacked):
@@ -937,7 +940,7 @@ def _stack_tree_data(datas: list) -> Any:
     rows = [flatten(d) for d in datas]
     if all(td == treedef for _, td in rows):
         columns = list(zip(*(leaves for leaves, _ in rows))) if paths else []
-        stacked = [_stack_column(c) for c in columns]
+        stacked = [_stack_column(c, f"data{p}") for c, p in zip(columns, paths)]
         if all(a is not None for a in stacked):
             return jax.tree_util.tree_unflatten(
                 treedef, [_canonical(a, f"data{p}") for a, p in zip(stacked, paths)]
@@ -965,13 +968,32 @@ def _stack_tree_data(datas: list) -> Any:
     )
 
 
-def _stack_column(column: tuple) -> np.ndarray | None:
-    """``np.stack`` of one data field over all nodes, or None if the nodes disagree."""
-    kinds = set(map(type, column))
-    kind = kinds.pop() if len(kinds) == 1 else object  # mixed types (1.0 and np.float64): as arrays
+def _stack_column(column: tuple, where: str, scalars_only: bool = False) -> np.ndarray | None:
+    """``np.stack`` of one data field over all nodes, or None if the nodes disagree
+    (with ``scalars_only``, also when a value is not a scalar or numpy array: a list is a
+    container there, as in the pytree path).
+
+    The dtype depends on the field's types only, never on its values, so that any group
+    of nodes stacks to the same dtype (``fit`` stacks a whole dataset at once, a batch
+    its own nodes): Python ints are int64, and one outside int64 is refused.
+    """
+    types = set(map(type, column))
+    if scalars_only and not all(issubclass(t, _SCALAR_TYPES) for t in types):
+        return None
+    kind = types.pop() if len(types) == 1 else object  # mixed types (1.0 and np.float64): as arrays
     if issubclass(kind, np.number):  # numpy scalars of one type: one dtype
         return np.fromiter(column, dtype=kind, count=len(column))
-    if kind in (bool, int, float, complex) or issubclass(kind, np.generic):
+    if kind is int:
+        try:
+            return np.array(column, dtype=np.int64)
+        except OverflowError:
+            node = next(i for i, v in enumerate(column) if not -(2**63) <= v < 2**63)
+            raise ValueError(
+                f"{where} at node {node} is the Python int {column[node]}, outside int64; "
+                "Python int data are stored as int64 (int32 while jax_enable_x64 is off). "
+                "Re-encode the values (hash ids into range) or store them as floats."
+            ) from None
+    if kind in (bool, float, complex) or issubclass(kind, np.generic):
         return np.array(column)  # one scalar type: one dtype, shape ()
     if issubclass(kind, (np.ndarray, np.generic)):
         if len({(a.shape, a.dtype) for a in column}) != 1:

@@ -337,6 +337,11 @@ CASES = {
         ValueError,
         r"data\['id'\] at node 1 holds 4294967303, which does not fit int32",
     ),
+    "data-int-outside-int64": (
+        lambda: rj.Forest.from_trees([rj.Tree(1, [rj.Tree(7)]), rj.Tree(2**63)]),
+        ValueError,
+        r"data at node 2 is the Python int 9223372036854775808, outside int64",
+    ),
     "parents-ragged": (lambda: rj.Forest.from_parents([[-1], [0, 0]]), ValueError, r"parent must be a 1-D integer array"),
     "parents-ndim": (lambda: rj.Forest.from_parents([[-1, 0]]), ValueError, r"parent must be a 1-D array; got shape \(1, 2\)"),
     "parents-empty": (lambda: rj.Forest.from_parents([]), ValueError, r"empty forest: the parent array has no nodes"),

@@ -493,3 +493,22 @@ def test_a_tree_table_refuses_what_from_trees_refuses():
             rj.Forest.from_trees(trees)
         with pytest.raises(error, match=message):
             _TreeTable.build(trees, None)
+
+
+def test_any_group_of_trees_stacks_its_data_to_one_dtype_and_structure():
+    # fit stacks a whole dataset at once (a _TreeTable) and batches stack their own trees:
+    # the dtype and structure of node data must not depend on which nodes are together.
+    big = [rj.Tree(1, [rj.Tree(16777217)]), rj.Tree(2**63)]  # numpy alone: float64 or uint64
+    for group in (big, big[::-1]):
+        with pytest.raises(ValueError, match="is the Python int 9223372036854775808, outside int64"):
+            rj.Forest.from_trees(group)
+        with pytest.raises(ValueError, match="outside int64"):
+            _TreeTable.build(group, None)
+    assert rj.Forest.from_trees(big[:1]).data.dtype == jax.dtypes.canonicalize_dtype(np.int64)
+    assert rj.Forest.from_trees(big[:1]).data.tolist()[:2] == [1, 16777217]
+    # a list is a container, also after a node whose field is an array
+    lists = [rj.Tree({"v": np.array([1.0, 2.0])}), rj.Tree({"v": [3.0, 4.0]})]
+    for group in (lists, lists[::-1]):
+        for convert in (rj.Forest.from_trees, lambda g: _TreeTable.build(g, None)):
+            with pytest.raises(ValueError, match="data structure PyTreeDef"):
+                convert(group)
