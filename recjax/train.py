@@ -120,6 +120,9 @@ def batches(
       >>> trees = [rj.Tree(1.0, [rj.Tree(2.0)] * k) for k in range(10)]
       >>> sorted(b.indices.size for b in batches(trees, 4, seed=1))
       [2, 4, 4]
+      >>> forest = rj.Forest.from_parents([-1, 0, -1, 2, 2, -1])   # three trees as arrays
+      >>> [b.indices.tolist() for b in batches(forest, 2)]
+      [[1], [2, 0]]
     """
     table = None
     if isinstance(trees, Forest):
