@@ -408,6 +408,8 @@ CASES = {
 
 @pytest.mark.parametrize("entry", sorted(CASES))
 def test_catalogue_entry(entry):
+    if entry == "shard-map-closure" and jax.__version_info__ < (0, 10):
+        pytest.skip("shard_map needs JAX 0.10 here (README, Several devices)")
     trigger, exc_type, pattern = CASES[entry]
     with pytest.raises(exc_type) as info:
         trigger()
