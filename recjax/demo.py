@@ -657,6 +657,9 @@ def train(
     """
     ckpt = pathlib.Path(args.checkpoint_dir)
     config_path = ckpt / CONFIG_FILE
+    # fit is called once per epoch below, and walks Tree objects at every call (0.7-1.2 s
+    # for the calc task's 14,000 trees); Forests built once are cut with numpy (0.01 s).
+    trees, eval_trees = _as_forest(trees), _as_forest(eval_trees)
     common = {
         "optimizer": make_optimizer(args.lr),
         "batch_size": args.batch_size,
@@ -716,6 +719,12 @@ def train(
         result = fit(loss_fn, params, trees, epochs=epoch, resume=True, **common)
         row(result.history[-1])
     return result
+
+
+def _as_forest(trees: Sequence[rj.Tree]):
+    """One Forest of ``trees`` for ``fit`` (the list itself when trees share nodes)."""
+    forest = rj.Forest.from_trees(trees)
+    return trees if forest._meta.has_cross_tree_node else forest
 
 
 def _summary(history) -> dict:
