@@ -1021,8 +1021,26 @@ def _check_array_data(data: Any, n: int) -> Any:
             raise ValueError(
                 f"{where} has shape {a.shape}; its leading axis must be the number of nodes ({n})."
             )
+        if isinstance(leaf, list) and a.dtype.kind in "fO":
+            a = _python_ints(leaf, a, where)
         out.append(_canonical(a, where))
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _python_ints(leaf: list, a: np.ndarray, where: str) -> np.ndarray:
+    """A (nested) list of Python ints as int64, as ``from_trees`` stacks them, where numpy
+    alone made it float64 or object because of values outside int64 (``[2**63, 1]``),
+    which are refused; ``a`` (numpy's conversion) for any other list."""
+    values = np.asarray(leaf, dtype=object)
+    rows = values.reshape(values.shape[0], -1)
+    if not all(type(v) is int for v in rows.flat):
+        return a
+    node = next(i for i, row in enumerate(rows) if any(not -(2**63) <= v < 2**63 for v in row))
+    raise ValueError(
+        f"{where} at node {node} is the Python int {next(v for v in rows[node] if not -(2**63) <= v < 2**63)}, "
+        "outside int64; Python int data are stored as int64 (int32 while jax_enable_x64 "
+        "is off). Re-encode the values (hash ids into range) or store them as floats."
+    )
 
 
 def _csr_from_lists(children: Sequence[Sequence[int]], n: int):

@@ -176,9 +176,12 @@ def _batches(
     yield from _background(plan_window, windows, prefetch)
 
 
-def _forest_table(forest: Forest, kinds, where: str) -> tuple[_TreeTable, list | None]:
+def _forest_table(
+    forest: Forest, kinds, where: str, training: bool = False
+) -> tuple[_TreeTable, list | None]:
     """A Forest given as the dataset, checked, as a ``_TreeTable`` of its trees; and the
-    kinds vocabulary its batches take (the Forest's own)."""
+    kinds vocabulary its batches take (the Forest's own). ``training``: ``kinds`` is the
+    training set's vocabulary (``fit``'s evaluation Forest must have it), not an argument."""
     forest._check_not_stacked(where)
     own = forest._meta.kinds
     if forest.child_ptr is None or (own is not None and forest._kind is None):
@@ -199,6 +202,12 @@ def _forest_table(forest: Forest, kinds, where: str) -> tuple[_TreeTable, list |
             "several trees, and a batch holds whole trees; give each tree its own copy "
             "of the nodes it shares (or pass the Tree objects, which are batched tree "
             "by tree)."
+        )
+    if training and (None if kinds is None else tuple(kinds)) != own:
+        raise ValueError(
+            f"{where}: this Forest's kinds vocabulary ({None if own is None else list(own)}) "
+            f"differs from the training set's ({None if kinds is None else list(kinds)}); "
+            "build the training and evaluation sets with one kinds= list."
         )
     if kinds is not None and (own is None or tuple(kinds) != own):
         raise ValueError(
@@ -559,7 +568,7 @@ def fit(
     eval_table = None
     if eval_trees is not None:
         if isinstance(eval_trees, Forest):
-            eval_table, _ = _forest_table(eval_trees, kinds, "fit: eval_trees")
+            eval_table, _ = _forest_table(eval_trees, kinds, "fit: eval_trees", training=True)
             num_eval = eval_table.start.size
         else:
             eval_trees = list(eval_trees)

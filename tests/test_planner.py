@@ -506,6 +506,13 @@ def test_any_group_of_trees_stacks_its_data_to_one_dtype_and_structure():
             _TreeTable.build(group, None)
     assert rj.Forest.from_trees(big[:1]).data.dtype == jax.dtypes.canonicalize_dtype(np.int64)
     assert rj.Forest.from_trees(big[:1]).data.tolist()[:2] == [1, 16777217]
+    # the array constructors read a list of Python ints by the same rule
+    for ids in ([2**63, 2**63 + 1000, 1], [[1, 2], [2**64, 3], [4, 5]]):
+        with pytest.raises(ValueError, match="data\\['id'\\] at node [01] is the Python int .* outside int64"):
+            rj.Forest.from_parents([-1, -1, -1], {"id": ids})
+        with pytest.raises(ValueError, match="outside int64"):
+            rj.Forest.from_children([[], [], []], {"id": ids})
+    assert rj.Forest.from_parents([-1, 0], {"x": [1.5, 2]}).data["x"].tolist() == [1.5, 2.0]
     # a list is a container, also after a node whose field is an array
     lists = [rj.Tree({"v": np.array([1.0, 2.0])}), rj.Tree({"v": [3.0, 4.0]})]
     for group in (lists, lists[::-1]):

@@ -616,6 +616,13 @@ def test_a_forest_dataset_is_refused_when_batches_cannot_cut_it():
         batches(good, 2, kinds=["A"])
     with pytest.raises(ValueError, match="fit: trees: this Forest is padded"):
         fit(lambda p, f, y: 0.0, 0.0, good.padded(num_roots=4), optimizer=optax.sgd(0.1), epochs=1, batch_size=2)
+    tagged = rj.Forest.from_parents([-1, 0, -1], np.ones(3, np.float32), kind=["A"] * 3, kinds=["A", "B"])
+    for trees, held in ((tagged, good), (good, tagged), (tagged, rj.Forest.from_parents(
+            [-1, 0, -1], np.ones(3, np.float32), kind=["A"] * 3, kinds=["B", "A"]))):
+        with pytest.raises(ValueError, match="fit: eval_trees: this Forest's kinds vocabulary .* "
+                           "differs from the training set's"):
+            fit(lambda p, f, y: 0.0, 0.0, trees, optimizer=optax.sgd(0.1), epochs=1, batch_size=2,
+                eval_fn=lambda p, f, y: {}, eval_trees=held)
     ints = rj.Forest.from_trees([rj.Tree(1), rj.Tree(2)])
     with pytest.raises(ValueError, match="the node data of eval_trees differ from the training trees'"):
         fit(lambda p, f, y: 0.0, 0.0, good, optimizer=optax.sgd(0.1), epochs=1, batch_size=2,
