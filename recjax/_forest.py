@@ -733,7 +733,8 @@ def _layout(data) -> tuple:
 
 
 class _TreeTable:
-    """A dataset of ``Tree`` objects walked once, for planning many batches of its trees.
+    """A dataset's trees in one numbering, for planning many batches of them: ``Tree``
+    objects walked once (``build``), or the trees of one Forest (``of_forest``).
 
     ``arrays(indices)`` equals ``_tree_arrays([trees[j] for j in indices], kinds)`` for
     distinct ``indices``, by numpy indexing instead of a Python walk: 0.14 ms against
@@ -987,12 +988,7 @@ def _stack_column(column: tuple, where: str, scalars_only: bool = False) -> np.n
         try:
             return np.array(column, dtype=np.int64)
         except OverflowError:
-            node = next(i for i, v in enumerate(column) if not -(2**63) <= v < 2**63)
-            raise ValueError(
-                f"{where} at node {node} is the Python int {column[node]}, outside int64; "
-                "Python int data are stored as int64 (int32 while jax_enable_x64 is off). "
-                "Re-encode the values (hash ids into range) or store them as floats."
-            ) from None
+            raise _outside_int64(where, [[v] for v in column]) from None
     if kind in (bool, float, complex) or issubclass(kind, np.generic):
         return np.array(column)  # one scalar type: one dtype, shape ()
     if issubclass(kind, (np.ndarray, np.generic)):
@@ -1035,11 +1031,18 @@ def _python_ints(leaf: list, a: np.ndarray, where: str) -> np.ndarray:
     rows = values.reshape(values.shape[0], -1)
     if not all(type(v) is int for v in rows.flat):
         return a
-    node = next(i for i, row in enumerate(rows) if any(not -(2**63) <= v < 2**63 for v in row))
-    raise ValueError(
-        f"{where} at node {node} is the Python int {next(v for v in rows[node] if not -(2**63) <= v < 2**63)}, "
-        "outside int64; Python int data are stored as int64 (int32 while jax_enable_x64 "
-        "is off). Re-encode the values (hash ids into range) or store them as floats."
+    raise _outside_int64(where, rows)
+
+
+def _outside_int64(where: str, rows) -> ValueError:
+    """The refusal of the first Python int outside int64 in ``rows`` (one per node)."""
+    node, value = next(
+        (i, v) for i, row in enumerate(rows) for v in row if not -(2**63) <= v < 2**63
+    )
+    return ValueError(
+        f"{where} at node {node} is the Python int {value}, outside int64; Python int "
+        "data are stored as int64 (int32 while jax_enable_x64 is off). Re-encode the "
+        "values (hash ids into range) or store them as floats."
     )
 
 
