@@ -204,7 +204,10 @@ class Model:
 
     FLOPs count the cell's matrix products only (2 per multiply-add), at most once per
     node: per leaf, per internal node, and per child edge. Gate elementwise work and
-    padding are not counted, so the ceiling they give is an upper bound.
+    padding are not counted, so the ceiling they give is an upper bound. They come from
+    the products' shapes: ``(k, n)`` of each ``[rows, k] @ [k, n]`` a leaf, an internal
+    node or a child edge computes (``bench_plan_products.py`` times them at a plan's
+    own row counts).
     """
 
     name: str
@@ -214,10 +217,22 @@ class Model:
     leaf: Callable
     node: Callable
     level: Callable
-    leaf_flops: int
-    internal_flops: int
-    edge_flops: int
+    leaf_products: tuple[tuple[int, int], ...]  # (k, n) of each product per leaf
+    internal_products: tuple[tuple[int, int], ...]  # per internal node
+    edge_products: tuple[tuple[int, int], ...]  # per child edge
     ceiling_shape: tuple[int, int]  # (k, n) of the dominant product, for the matmul ceiling
+
+    @property
+    def leaf_flops(self) -> int:
+        return sum(2 * k * n for k, n in self.leaf_products)
+
+    @property
+    def internal_flops(self) -> int:
+        return sum(2 * k * n for k, n in self.internal_products)
+
+    @property
+    def edge_flops(self) -> int:
+        return sum(2 * k * n for k, n in self.edge_products)
 
     def flops(self, leaves, internal, edges):
         """Forward matmul FLOPs of a batch."""
@@ -239,9 +254,9 @@ def binary_tree_lstm_model(embed, hidden):
         leaf=leaf_cell,
         node=lambda p, token, kids: internal_cell(p, *kids[0], *kids[1]),
         level=_lstm_level,
-        leaf_flops=2 * embed * 3 * hidden,
-        internal_flops=2 * (2 * hidden) * 5 * hidden,
-        edge_flops=0,
+        leaf_products=((embed, 3 * hidden),),  # x @ W
+        internal_products=((2 * hidden, 5 * hidden),),  # [hl, hr] @ U
+        edge_products=(),
         ceiling_shape=(2 * hidden, 5 * hidden),
     )
 
@@ -270,9 +285,9 @@ def tree_fc_model(hidden):
         leaf=_fc_leaf,
         node=_fc_node,
         level=_fc_level,
-        leaf_flops=0,
-        internal_flops=2 * (2 * hidden) * hidden,
-        edge_flops=0,
+        leaf_products=(),  # the embedding alone
+        internal_products=((2 * hidden, hidden),),  # [hl, hr] @ W
+        edge_products=(),
         ceiling_shape=(2 * hidden, hidden),
     )
 
@@ -316,10 +331,10 @@ def child_sum_model(embed, hidden):
         leaf=_cs_leaf,
         node=_cs_node,
         level=_cs_level,
-        # leaf: x @ W; internal: x @ W, h_sum @ U and x @ W_f; per child: h @ U_f
-        leaf_flops=2 * embed * 3 * hidden,
-        internal_flops=2 * embed * 3 * hidden + 2 * hidden * 3 * hidden + 2 * embed * hidden,
-        edge_flops=2 * hidden * hidden,
+        leaf_products=((embed, 3 * hidden),),  # x @ W
+        # internal: x @ W, h_sum @ U and x @ W_f
+        internal_products=((embed, 3 * hidden), (hidden, 3 * hidden), (embed, hidden)),
+        edge_products=((hidden, hidden),),  # h @ U_f
         ceiling_shape=(hidden, 3 * hidden),
     )
 
