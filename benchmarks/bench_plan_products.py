@@ -31,7 +31,6 @@ import statistics
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 import recjax as rj
